@@ -1,0 +1,532 @@
+"""One streaming pass over the tokens for the base model and every finetune.
+
+For each batch and each model the engine runs the model once to the SAE's hook
+layer, encodes and decodes with the SAE, and continues from the hook layer for
+the clean, spliced and zero-ablated inputs together (one fused call when
+``fuse_continuations``). CE and KL are computed from the final residual in row
+chunks, so full-vocabulary float32 logits never exist for a whole batch.
+
+Pure torch: usable without pytest::
+
+    report = evaluate_transfer(base, {"ft": finetune}, sae, tokens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .metrics.bootstrap import model_intervals, paired_intervals, resample_weights
+from .metrics.model import ModelAccumulator, ModelBatch
+from .metrics.paired import P_COS, P_EUC, P_N, PairedAccumulator
+from .metrics.stats import LOG_EPS, pearson_from_sums, rowwise_pearson
+from .metrics.weights import folded_unembed, frobenius_ratio, logit_similarity, weight_deviation
+from .report import FeatureArrays, FinetuneResult, ModelResult, TransferReport
+
+ENGINE_VERSION = "1"
+
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+class EngineError(ValueError):
+    """Inputs the engine cannot evaluate; the message says what would be right."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    batch_size: int = 8  # contexts per batch
+    exclude_special_tokens: bool = True
+    special_token_ids: tuple[int, ...] | None = None  # default: the base tokenizer's BOS/EOS/PAD
+    outlier_norm: float | str | None = None  # None: off; a number τ; or "auto" (2 x mean base norm)
+    n_bootstrap: int = 1000
+    seed: int = 0
+    logits_chunk_elems: int = 1 << 24  # rows x vocab per log-softmax chunk
+    fuse_continuations: bool = True
+    progress: bool | None = None  # None: only when stderr is a terminal
+    progress_file: Any = None
+
+
+@dataclasses.dataclass
+class BaseState:
+    """What the paired metrics need from the base model; cacheable and shared by finetunes."""
+
+    result: ModelResult
+    fire_count: torch.Tensor  # float64 [d_sae]
+    n_eval: float
+    histograms: dict[str, dict[str, Any]]
+    outlier_norm: float | None
+
+
+@dataclasses.dataclass
+class EngineOutput:
+    report: TransferReport
+    base_state: BaseState
+    oom_splits: int = 0
+
+
+def hook_layer(hook_name: str, n_layers: int) -> int:
+    """The ``stop_at_layer`` that yields the activation at ``hook_name``."""
+    match = _HOOK_RE.match(hook_name)
+    if match is None:
+        raise EngineError(
+            f"hook {hook_name!r} is not supported: the engine continues from residual-stream hooks, "
+            "'blocks.<L>.hook_resid_pre' or 'blocks.<L>.hook_resid_post'"
+        )
+    layer = int(match.group(1)) + (1 if match.group(2) == "post" else 0)
+    if int(match.group(1)) >= n_layers:
+        raise EngineError(
+            f"hook {hook_name!r} is beyond the model's depth: it has {n_layers} layers (blocks.0 .. blocks.{n_layers - 1})"
+        )
+    return layer
+
+
+class _Runner:
+    """A HookedTransformer cut at the hook layer."""
+
+    def __init__(self, model: Any, layer: int, chunk_elems: int, fuse: bool) -> None:
+        self.model = model
+        self.layer = layer
+        self.chunk_elems = chunk_elems
+        self.fuse = fuse
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.softcap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
+
+    @torch.no_grad()
+    def to_hook(self, tokens: torch.Tensor) -> torch.Tensor:
+        # An explicit all-ones mask: packed contexts have no padding, and TransformerLens
+        # would otherwise mask "pad" ids (often = EOS) when the tokenizer pads left.
+        mask = torch.ones_like(tokens)
+        return self.model(tokens, stop_at_layer=self.layer, attention_mask=mask)
+
+    @torch.no_grad()
+    def _final_resid(self, resid: torch.Tensor) -> torch.Tensor:
+        n_layers = self.model.cfg.n_layers
+        if self.layer < n_layers:
+            resid = self.model(resid, start_at_layer=self.layer, stop_at_layer=n_layers)
+        if self.model.cfg.normalization_type is not None:
+            resid = self.model.ln_final(resid)
+        return resid
+
+    @torch.no_grad()
+    def continuations(
+        self, tokens: torch.Tensor, x_clean: torch.Tensor, x_spliced: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ce_clean, ce_spliced, ce_zero) as [B, T-1] and KL(clean‖spliced) as [B, T]."""
+        inputs = (x_clean, x_spliced.to(self.dtype), torch.zeros_like(x_clean))
+        if self.fuse:
+            finals = self._final_resid(torch.cat(inputs, dim=0)).chunk(3, dim=0)
+        else:
+            finals = tuple(self._final_resid(x) for x in inputs)
+        B, T = tokens.shape
+        d = finals[0].shape[-1]
+        flat = [f.reshape(B * T, d) for f in finals]
+        targets = torch.roll(tokens, shifts=-1, dims=1).reshape(B * T).to(self.device)
+        ce = torch.empty(3, B * T, dtype=torch.float32, device=self.device)
+        kl = torch.empty(B * T, dtype=torch.float32, device=self.device)
+        vocab = self.model.cfg.d_vocab_out
+        rows = max(1, self.chunk_elems // max(1, vocab))
+        for start in range(0, B * T, rows):
+            sl = slice(start, start + rows)
+            tgt = targets[sl].unsqueeze(1)
+            log_probs = []
+            for i, f in enumerate(flat):
+                logits = self.model.unembed(f[sl]).float()
+                if self.softcap > 0:
+                    logits = self.softcap * torch.tanh(logits / self.softcap)
+                lp = logits.log_softmax(-1)
+                ce[i, sl] = -lp.gather(1, tgt).squeeze(1)
+                log_probs.append(lp if i < 2 else None)
+            lp_clean, lp_spliced = log_probs[0], log_probs[1]
+            kl[sl] = (lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1)
+        ce = ce.reshape(3, B, T)[:, :, :-1]
+        return ce[0], ce[1], ce[2], kl.reshape(B, T)
+
+
+class _OutOfMemory(Exception):
+    pass
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def default_special_ids(model: Any) -> tuple[int, ...]:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return ()
+    ids = {getattr(tok, attr, None) for attr in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def _progress_bar(total: int, options: EngineOptions, desc: str) -> Any:
+    show = options.progress
+    stream = options.progress_file or sys.stderr
+    if show is None:
+        show = bool(getattr(stream, "isatty", lambda: False)())
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc, file=stream, dynamic_ncols=True, leave=True)
+
+
+def _validate(base: Any, finetunes: Sequence[tuple[str, Any]], sae: Any, tokens: torch.Tensor, options: EngineOptions) -> int:
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise EngineError(f"tokens must be a [contexts, positions] tensor with >= 1 context and >= 2 positions; got shape {tuple(tokens.shape)}")
+    if options.batch_size < 1:
+        raise EngineError(f"batch_size must be a positive number of contexts; got {options.batch_size}")
+    if options.n_bootstrap < 0:
+        raise EngineError(f"n_bootstrap must be >= 0; got {options.n_bootstrap}")
+    hook_name = sae.cfg.metadata.hook_name
+    layer = hook_layer(hook_name, base.cfg.n_layers)
+    if sae.cfg.d_in != base.cfg.d_model:
+        raise EngineError(
+            f"the SAE reads {sae.cfg.d_in}-dimensional activations but the base model's width at {hook_name} is {base.cfg.d_model}"
+        )
+    if tokens.shape[1] > base.cfg.n_ctx:
+        raise EngineError(f"context size {tokens.shape[1]} exceeds the base model's n_ctx {base.cfg.n_ctx}")
+    max_id = int(tokens.max())
+    for name, model in [("base", base), *finetunes]:
+        if model.cfg.d_model != base.cfg.d_model or model.cfg.n_layers != base.cfg.n_layers:
+            raise EngineError(
+                f"finetune {name!r} has d_model={model.cfg.d_model}, n_layers={model.cfg.n_layers}; "
+                f"the base has d_model={base.cfg.d_model}, n_layers={base.cfg.n_layers}. A finetune must share the base architecture."
+            )
+        if max_id >= model.cfg.d_vocab:
+            raise EngineError(f"token id {max_id} is outside the vocabulary of {name!r} (d_vocab={model.cfg.d_vocab})")
+    if isinstance(options.outlier_norm, str) and options.outlier_norm != "auto":
+        raise EngineError(f"outlier_norm must be a positive number, 'auto' or None; got {options.outlier_norm!r}")
+    if isinstance(options.outlier_norm, (int, float)) and not options.outlier_norm > 0:
+        raise EngineError(f"outlier_norm must be a positive number; got {options.outlier_norm!r}")
+    return layer
+
+
+@torch.no_grad()
+def _sae_roundtrip(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, reconstruction) as float32 on x's device. encode and decode stay paired:
+    some normalisations (constant_norm_rescale) carry state from one to the other."""
+    p = next(sae.parameters())
+    feats = sae.encode(x.to(device=p.device, dtype=p.dtype))
+    if feats.is_sparse:
+        feats = feats.to_dense()
+    x_hat = sae.decode(feats)
+    return feats.to(device=x.device, dtype=torch.float32), x_hat.to(device=x.device, dtype=torch.float32)
+
+
+def _auto_outlier_norm(runner: _Runner, tokens: torch.Tensor, special: torch.Tensor, options: EngineOptions) -> float:
+    """τ = 2 x the mean base activation norm over included tokens (a to-hook pre-pass)."""
+    total = 0.0
+    count = 0.0
+    for start in range(0, tokens.shape[0], options.batch_size):
+        toks = tokens[start : start + options.batch_size].to(runner.device)
+        included = _included(toks, special, options)
+        norms = runner.to_hook(toks).double().norm(dim=-1)
+        ok = included & torch.isfinite(norms)
+        total += float(norms[ok].sum())
+        count += float(ok.sum())
+    if count == 0:
+        raise EngineError("no included tokens to estimate the automatic outlier norm from")
+    return 2.0 * total / count
+
+
+def _included(toks: torch.Tensor, special: torch.Tensor, options: EngineOptions) -> torch.Tensor:
+    if not options.exclude_special_tokens or special.numel() == 0:
+        return torch.ones_like(toks, dtype=torch.bool)
+    return ~torch.isin(toks, special.to(toks.device))
+
+
+def run_transfer(
+    base: Any,
+    finetunes: Mapping[str, Any] | Sequence[tuple[str, Any]],
+    sae: Any,
+    tokens: torch.Tensor,
+    options: EngineOptions = EngineOptions(),
+    *,
+    base_name: str = "base",
+    config: Mapping[str, Any] | None = None,
+    base_state: BaseState | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> EngineOutput:
+    """Evaluate the SAE on the base and each finetune over ``tokens`` [contexts, positions].
+
+    ``base_state``, when given (from the cache), skips the base model's continuations:
+    the base still runs to the hook layer, because the paired metrics need its
+    features token by token.
+    """
+    ft_items = list(finetunes.items()) if isinstance(finetunes, Mapping) else list(finetunes)
+    layer = _validate(base, ft_items, sae, tokens, options)
+    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    n_ctx, T = tokens.shape
+    special_ids = options.special_token_ids if options.special_token_ids is not None else default_special_ids(base)
+    special = torch.tensor(sorted(set(special_ids)), dtype=tokens.dtype)
+
+    make = lambda m: _Runner(m, layer, options.logits_chunk_elems, options.fuse_continuations)  # noqa: E731
+    base_runner = make(base)
+    ft_runners = [(name, make(model)) for name, model in ft_items]
+
+    tau: float | None
+    if base_state is not None:
+        tau = base_state.outlier_norm
+    elif options.outlier_norm == "auto":
+        tau = _auto_outlier_norm(base_runner, tokens, special, options)
+    else:
+        tau = float(options.outlier_norm) if options.outlier_norm is not None else None
+
+    base_acc = ModelAccumulator(d_in, d_sae) if base_state is None else None
+    ft_accs = {name: ModelAccumulator(d_in, d_sae) for name, _ in ft_runners}
+    pair_accs = {name: PairedAccumulator(d_sae, T) for name, _ in ft_runners}
+
+    n_models = 1 + len(ft_runners)
+    bar = _progress_bar(n_ctx * T * n_models, options, f"sae-transfer ({n_models} models)")
+    started = time.perf_counter()
+    oom_splits = 0
+
+    def model_batch(runner: _Runner, toks: torch.Tensor, included: torch.Tensor, with_losses: bool) -> ModelBatch:
+        x = runner.to_hook(toks)
+        feats, x_hat = _sae_roundtrip(sae, x)
+        x32 = x.float()
+        if tau is not None:
+            outlier = x32.norm(dim=-1) > tau
+        else:
+            outlier = torch.zeros_like(included)
+        batch = ModelBatch(x=x32, x_hat=x_hat, feats=feats, included=included, outlier=outlier)
+        if with_losses:
+            splice = (included & ~outlier).unsqueeze(-1)
+            x_spliced = torch.where(splice, x_hat.to(x.dtype), x)
+            batch.ce_clean, batch.ce_spliced, batch.ce_zero, batch.kl = runner.continuations(toks, x, x_spliced)
+        return batch
+
+    def process(toks_cpu: torch.Tensor) -> None:
+        nonlocal oom_splits
+        try:
+            toks = toks_cpu.to(base_runner.device)
+            included = _included(toks, special, options)
+            b = model_batch(base_runner, toks, included, base_acc is not None)
+            fts = []
+            for name, runner in ft_runners:
+                fts.append((name, model_batch(runner, toks.to(runner.device), included.to(runner.device), True)))
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+            if not _is_oom(exc) or toks_cpu.shape[0] == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            oom_splits += 1
+            half = toks_cpu.shape[0] // 2
+            process(toks_cpu[:half])
+            process(toks_cpu[half:])
+            return
+        # All outputs of this batch exist: only now update the accumulators, so a retried
+        # batch is never counted twice.
+        act_ok_b = torch.isfinite(b.x).all(-1) & torch.isfinite(b.x_hat).all(-1) & torch.isfinite(b.feats).all(-1)
+        if base_acc is not None:
+            base_acc.update(b)
+        for name, fb in fts:
+            ft_accs[name].update(fb)
+            act_ok_f = torch.isfinite(fb.x).all(-1) & torch.isfinite(fb.x_hat).all(-1) & torch.isfinite(fb.feats).all(-1)
+            mask = b.included & act_ok_b & act_ok_f.to(act_ok_b.device)
+            dev = b.x.device
+            pair_accs[name].update(b.x, fb.x.to(dev), b.feats, fb.feats.to(dev), mask)
+
+    try:
+        for start in range(0, n_ctx, options.batch_size):
+            toks_cpu = tokens[start : start + options.batch_size]
+            process(toks_cpu)
+            if bar is not None:
+                bar.update(toks_cpu.numel() * n_models)
+            if on_batch is not None:
+                on_batch(start + toks_cpu.shape[0], n_ctx)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - started
+
+    weights = resample_weights(n_ctx, options.n_bootstrap, options.seed) if options.n_bootstrap > 0 else None
+
+    if base_state is None:
+        assert base_acc is not None
+        stats, sum_x = base_acc.context_tables()
+        base_result = ModelResult(
+            model=base_name,
+            metrics=_clean(base_acc.summary()),
+            ci95=model_intervals(stats, sum_x, weights) if weights is not None else {},
+        )
+        base_state = BaseState(
+            result=base_result,
+            fire_count=base_acc.fire_count.clone(),
+            n_eval=base_acc.n_eval,
+            histograms=base_acc.histograms(),
+            outlier_norm=tau,
+        )
+
+    features = FeatureArrays()
+    for key, hist in base_state.histograms.items():
+        features.histograms[f"base/{key}"] = hist
+    finetune_results = []
+    W_dec = sae.W_dec.detach()
+    W_U_base = folded_unembed(base)
+    for name, runner in ft_runners:
+        acc = ft_accs[name]
+        stats, sum_x = acc.context_tables()
+        result = FinetuneResult(
+            model=name,
+            metrics=_clean(acc.summary()),
+            ci95=model_intervals(stats, sum_x, weights) if weights is not None else {},
+        )
+        paired, vectors, notes = _paired_metrics(base_state, acc, pair_accs[name], base, runner.model, W_dec, W_U_base)
+        result.paired = paired
+        result.notes.extend(notes)
+        result.paired_ci95 = paired_intervals(pair_accs[name].context_table(), weights) if weights is not None else {}
+        finetune_results.append(result)
+        features.vectors[name] = vectors
+        for key, hist in acc.histograms().items():
+            features.histograms[f"{name}/{key}"] = hist
+        for key, hist in pair_accs[name].histograms().items():
+            features.histograms[f"{name}/{key}"] = hist
+
+    run_config = dict(config or {})
+    run_config.update(
+        {
+            "hook_name": sae.cfg.metadata.hook_name,
+            "n_contexts": n_ctx,
+            "context_size": T,
+            "n_tokens": n_ctx * T,
+            "batch_size": options.batch_size,
+            "exclude_special_tokens": options.exclude_special_tokens,
+            "special_token_ids": list(map(int, special.tolist())),
+            "outlier_norm": tau,
+            "outlier_norm_setting": options.outlier_norm,
+            "n_bootstrap": options.n_bootstrap,
+            "seed": options.seed,
+            "device": str(base_runner.device),
+            "dtype": str(base_runner.dtype).replace("torch.", ""),
+            "engine_version": ENGINE_VERSION,
+            "oom_batch_splits": oom_splits,
+            "elapsed_seconds": round(elapsed, 3),
+            "tokens_per_second": round(n_ctx * T * n_models / elapsed, 1) if elapsed > 0 else None,
+        }
+    )
+    report = TransferReport(config=run_config, base=base_state.result, finetunes=finetune_results, features=features)
+    return EngineOutput(report=report, base_state=base_state, oom_splits=oom_splits)
+
+
+def evaluate_transfer(
+    base: Any,
+    finetunes: Mapping[str, Any] | Sequence[tuple[str, Any]],
+    sae: Any,
+    tokens: torch.Tensor,
+    options: EngineOptions = EngineOptions(),
+    **kwargs: Any,
+) -> TransferReport:
+    """The library entry point: every SPEC.md metric for the base and each finetune."""
+    return run_transfer(base, finetunes, sae, tokens, options, **kwargs).report
+
+
+def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[key] = value
+    return out
+
+
+def _summary(values: torch.Tensor) -> tuple[float | None, float | None, float | None]:
+    arr = values.numpy()
+    arr = arr[np.isfinite(arr)]
+    if arr.size == 0:
+        return None, None, None
+    return float(arr.mean()), float(np.median(arr)), float((arr > 0.8).mean())
+
+
+def _paired_metrics(
+    base_state: BaseState,
+    ft_acc: ModelAccumulator,
+    pair: PairedAccumulator,
+    base_model: Any,
+    ft_model: Any,
+    W_dec: torch.Tensor,
+    W_U_base: torch.Tensor,
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    notes: list[str] = []
+    d_sae = pair.d_sae
+    dens_b = base_state.fire_count / base_state.n_eval if base_state.n_eval > 0 else torch.full((d_sae,), math.nan, dtype=torch.float64)
+    dens_f = ft_acc.densities()
+    log_b = torch.log10(dens_b + LOG_EPS)
+    log_f = torch.log10(dens_f + LOG_EPS)
+    dead_b = base_state.fire_count == 0
+    dead_f = ft_acc.fire_count == 0
+    regular = (log_b >= -5) & (log_b <= -1) & (log_f >= -5) & (log_f <= -1)
+
+    table = pair.context_table()
+    n_pair = float(table[:, P_N].sum())
+    cos_by_pos, euc_by_pos = pair.by_position()
+
+    act_sim_all = pearson_from_sums(pair.n, pair.sum_a, pair.sum_b, pair.sum_aa, pair.sum_bb, pair.sum_ab)
+    act_sim = torch.where(regular, act_sim_all, torch.nan)
+    undefined = int((regular & torch.isnan(act_sim_all)).sum())
+    act_mean, act_median, act_frac = _summary(act_sim[regular])
+
+    V_base = base_model.cfg.d_vocab
+    V_ft = ft_model.cfg.d_vocab
+    n_vocab = min(V_base, V_ft, W_U_base.shape[1])
+    if V_ft != V_base:
+        notes.append(
+            f"vocabulary sizes differ (base {V_base}, finetune {V_ft}); weight-based metrics use the shared first {n_vocab} tokens"
+        )
+    W_U_ft = folded_unembed(ft_model)
+    logit_all = logit_similarity(W_dec, W_U_base, W_U_ft, n_vocab)
+    logit_sim = torch.where(regular, logit_all, torch.nan)
+    logit_mean, logit_median, _ = _summary(logit_sim[regular])
+
+    mean_log_err = pair.sum_log_err / pair.n if pair.n > 0 else torch.full((d_sae,), math.nan, dtype=torch.float64)
+    base_only = dead_b & ~dead_f
+    ft_only = ~dead_b & dead_f
+    dead_err = torch.where(base_only | ft_only, mean_log_err, torch.nan)
+
+    def mean_over(mask: torch.Tensor) -> float | None:
+        return float(mean_log_err[mask].mean()) if bool(mask.any()) and pair.n > 0 else None
+
+    density_r = rowwise_pearson(log_b.unsqueeze(0), log_f.unsqueeze(0))[0]
+    paired: dict[str, Any] = {
+        "n_tokens": int(n_pair),
+        "resid_cosine_mean": float(table[:, P_COS].sum() / n_pair) if n_pair > 0 else None,
+        "resid_cosine_by_position": cos_by_pos,
+        "resid_euclidean_mean": float(table[:, P_EUC].sum() / n_pair) if n_pair > 0 else None,
+        "resid_euclidean_by_position": euc_by_pos,
+        "density_log10_pearson": float(density_r) if math.isfinite(float(density_r)) else None,
+        "n_dead_base_only": int(base_only.sum()),
+        "n_dead_finetune_only": int(ft_only.sum()),
+        "n_dead_both": int((dead_b & dead_f).sum()),
+        "dead_shift_fraction": float((base_only.sum() + ft_only.sum()) / d_sae),
+        "n_regular_features": int(regular.sum()),
+        "activation_similarity_mean": act_mean,
+        "activation_similarity_median": act_median,
+        "activation_similarity_frac_above_0_8": act_frac,
+        "n_activation_similarity_undefined": undefined,
+        "logit_similarity_mean": logit_mean,
+        "logit_similarity_median": logit_median,
+        "dead_activation_error_base_only_mean": mean_over(base_only),
+        "dead_activation_error_finetune_only_mean": mean_over(ft_only),
+        "unembed_frobenius_ratio": frobenius_ratio(W_U_ft[:, :n_vocab], W_U_base[:, :n_vocab]),
+        "weight_deviation": weight_deviation(base_model, ft_model),
+        "n_shared_vocab": int(n_vocab),
+    }
+    vectors = {
+        "density_base": dens_b.numpy(),
+        "density_finetune": dens_f.numpy(),
+        "activation_similarity": act_sim.numpy(),
+        "logit_similarity": logit_sim.numpy(),
+        "dead_activation_error": dead_err.numpy(),
+    }
+    return paired, vectors, notes

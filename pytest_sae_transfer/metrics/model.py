@@ -1,0 +1,219 @@
+"""Per-model streaming statistics: L0, CE (clean, spliced, zero-ablated), KL,
+explained variance, pooled R², MSE, cosine, densities and the non-finite count.
+
+Scalars are kept twice: as running totals, and as a few float64 numbers per
+context, so that the bootstrap can resample whole contexts at the end without a
+second pass. The only per-context vector is Σx (length d_in), needed for the
+per-dimension mean of ``explained_variance``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from .stats import LOG_EPS
+
+# Columns of the per-context statistics table.
+N_EVAL, L0_SUM, CE_N, CE_CLEAN, CE_SPLICED, CE_ZERO, KL_N, KL_SUM = range(8)
+REC_N, SSE, SXX, S_ELEM, COS_SUM, N_INCLUDED, N_NONFINITE, N_OUTLIER = range(8, 16)
+N_COLUMNS = 16
+
+#: Fixed bins for the streamed log10 feature-activation histogram.
+ACT_LOG10_EDGES = torch.linspace(-5.0, 4.0, 181, dtype=torch.float64)
+
+
+@dataclasses.dataclass
+class ModelBatch:
+    """One batch of one model, everything on the same device.
+
+    ``x``/``x_hat`` are [B, T, d_in] and ``feats`` is [B, T, d_sae], all float32.
+    ``ce_*`` are [B, T-1] per-position losses (position p predicts token p+1);
+    ``kl`` is [B, T]. ``included`` and ``outlier`` are bool [B, T]. ``ce_*`` and
+    ``kl`` may be None when only the activation statistics are wanted.
+    """
+
+    x: torch.Tensor
+    x_hat: torch.Tensor
+    feats: torch.Tensor
+    included: torch.Tensor
+    outlier: torch.Tensor
+    ce_clean: torch.Tensor | None = None
+    ce_spliced: torch.Tensor | None = None
+    ce_zero: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+
+    def finite_mask(self) -> torch.Tensor:
+        """bool [B, T]: every value computed for the token is finite."""
+        ok = torch.isfinite(self.x).all(-1) & torch.isfinite(self.x_hat).all(-1)
+        ok &= torch.isfinite(self.feats).all(-1)
+        if self.kl is not None:
+            ok &= torch.isfinite(self.kl)
+        for ce in (self.ce_clean, self.ce_spliced, self.ce_zero):
+            if ce is not None:
+                ok[:, :-1] &= torch.isfinite(ce)
+        return ok
+
+
+class ModelAccumulator:
+    """Streams :class:`ModelBatch` objects for one model and yields its SPEC metrics."""
+
+    def __init__(self, d_in: int, d_sae: int, with_losses: bool = True) -> None:
+        self.d_in = d_in
+        self.d_sae = d_sae
+        self.with_losses = with_losses
+        self._context_stats: list[torch.Tensor] = []
+        self._context_sum_x: list[torch.Tensor] = []
+        self.fire_count = torch.zeros(d_sae, dtype=torch.float64)
+        self.act_hist = torch.zeros(len(ACT_LOG10_EDGES) - 1, dtype=torch.float64)
+        self.zero_act_count = 0.0
+
+    @property
+    def n_contexts(self) -> int:
+        return sum(t.shape[0] for t in self._context_stats)
+
+    @torch.no_grad()
+    def update(self, batch: ModelBatch, finite: torch.Tensor | None = None) -> torch.Tensor:
+        """Add one batch; returns the bool [B, T] mask of tokens that were evaluated."""
+        if finite is None:
+            finite = batch.finite_mask()
+        included = batch.included
+        evaluated = included & finite
+        recon = evaluated & ~batch.outlier
+        B, T = included.shape
+        f64 = torch.float64
+        stats = torch.zeros(B, N_COLUMNS, dtype=f64, device=included.device)
+
+        stats[:, N_INCLUDED] = included.sum(1, dtype=f64)
+        stats[:, N_NONFINITE] = (included & ~finite).sum(1, dtype=f64)
+        stats[:, N_OUTLIER] = (included & batch.outlier).sum(1, dtype=f64)
+        stats[:, N_EVAL] = evaluated.sum(1, dtype=f64)
+
+        # Zero out everything that is not evaluated before any reduction, so that a
+        # NaN in an excluded token cannot leak into the sums (it is counted instead).
+        ev = evaluated.unsqueeze(-1)
+        feats = torch.where(ev, batch.feats, 0.0)
+        active = feats != 0
+        stats[:, L0_SUM] = active.sum((1, 2), dtype=f64)
+        self.fire_count += active.sum((0, 1), dtype=f64).cpu()
+        nonzero = feats[active].abs().clamp_min(1e-30).log10().to(f64)
+        lo, hi = float(ACT_LOG10_EDGES[0]), float(ACT_LOG10_EDGES[-1])
+        n_bins = len(ACT_LOG10_EDGES) - 1
+        self.act_hist += torch.histc(nonzero.clamp(lo, hi - 1e-9), bins=n_bins, min=lo, max=hi).cpu()
+        self.zero_act_count += float(evaluated.sum()) * self.d_sae - float(active.sum())
+
+        rc = recon.unsqueeze(-1)
+        x = torch.where(rc, batch.x, 0.0).to(f64)
+        x_hat = torch.where(rc, batch.x_hat, 0.0).to(f64)
+        err = x - x_hat
+        stats[:, REC_N] = recon.sum(1, dtype=f64)
+        stats[:, SSE] = (err * err).sum((1, 2))
+        stats[:, SXX] = (x * x).sum((1, 2))
+        stats[:, S_ELEM] = x.sum((1, 2))
+        norms = x.norm(dim=-1) * x_hat.norm(dim=-1)
+        cos = (x * x_hat).sum(-1) / norms.clamp_min(1e-30)
+        stats[:, COS_SUM] = torch.where(recon, cos, 0.0).sum(1)
+        sum_x = x.sum(1)
+
+        if self.with_losses:
+            if batch.ce_clean is None or batch.kl is None:
+                raise ValueError("this accumulator needs CE and KL values")
+            ce_pos = evaluated[:, :-1]
+            stats[:, CE_N] = ce_pos.sum(1, dtype=f64)
+            for col, ce in ((CE_CLEAN, batch.ce_clean), (CE_SPLICED, batch.ce_spliced), (CE_ZERO, batch.ce_zero)):
+                stats[:, col] = torch.where(ce_pos, ce, 0.0).sum(1, dtype=f64)
+            stats[:, KL_N] = evaluated.sum(1, dtype=f64)
+            stats[:, KL_SUM] = torch.where(evaluated, batch.kl, 0.0).sum(1, dtype=f64)
+
+        self._context_stats.append(stats.cpu())
+        self._context_sum_x.append(sum_x.cpu())
+        return evaluated
+
+    # -- results ---------------------------------------------------------------
+
+    def context_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([C, N_COLUMNS], [C, d_in]) per-context sums, float64 on CPU."""
+        if not self._context_stats:
+            return torch.zeros(0, N_COLUMNS, dtype=torch.float64), torch.zeros(0, self.d_in, dtype=torch.float64)
+        return torch.cat(self._context_stats), torch.cat(self._context_sum_x)
+
+    @property
+    def n_eval(self) -> float:
+        stats, _ = self.context_tables()
+        return float(stats[:, N_EVAL].sum())
+
+    def densities(self) -> torch.Tensor:
+        n = self.n_eval
+        return self.fire_count / n if n > 0 else torch.full_like(self.fire_count, float("nan"))
+
+    def summary(self) -> dict[str, Any]:
+        """The per-model SPEC metrics as plain Python numbers."""
+        stats, sum_x = self.context_tables()
+        values = scalar_metrics(stats.sum(0), sum_x.sum(0), self.d_in)
+        out: dict[str, Any] = {"n_tokens": int(stats[:, N_INCLUDED].sum())}
+        for key, value in values.items():
+            if not self.with_losses and (key.startswith("ce_") or key.startswith("kl_")):
+                continue
+            out[key] = float(value)
+        dens = self.densities()
+        out["dead_fraction"] = float((self.fire_count == 0).double().mean())
+        out["dense_fraction"] = float((dens > 0.1).double().mean())
+        out["n_nonfinite"] = int(stats[:, N_NONFINITE].sum())
+        out["n_outliers"] = int(stats[:, N_OUTLIER].sum())
+        return out
+
+    def histograms(self) -> dict[str, dict[str, Any]]:
+        return {
+            "feature_log10_act": {"edges": ACT_LOG10_EDGES.numpy(), "counts": self.act_hist.numpy()},
+            "feature_zero_count": {"edges": torch.zeros(0).numpy(), "counts": torch.tensor([self.zero_act_count]).numpy()},
+        }
+
+
+def _div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, NaN where den is 0 (an empty count, or zero-ablation equal to clean)."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.nan)
+
+
+def scalar_metrics(s: torch.Tensor, sum_x: torch.Tensor, d_in: int) -> dict[str, torch.Tensor]:
+    """SPEC scalars from summed statistics.
+
+    ``s`` is [..., N_COLUMNS] and ``sum_x`` [..., d_in]; a leading dimension holds
+    bootstrap replicates, so point estimates and intervals share one formula.
+    """
+    out: dict[str, torch.Tensor] = {}
+    out["l0"] = _div(s[..., L0_SUM], s[..., N_EVAL])
+    clean = _div(s[..., CE_CLEAN], s[..., CE_N])
+    spliced = _div(s[..., CE_SPLICED], s[..., CE_N])
+    zero = _div(s[..., CE_ZERO], s[..., CE_N])
+    out["ce_loss_clean"] = clean
+    out["ce_loss_spliced"] = spliced
+    out["ce_loss_delta"] = spliced - clean
+    out["ce_loss_zero_ablation"] = zero
+    out["ce_loss_recovered"] = _div(zero - spliced, zero - clean)
+    out["kl_div_spliced"] = _div(s[..., KL_SUM], s[..., KL_N])
+
+    n = s[..., REC_N]
+    mse = _div(s[..., SSE], n)
+    mean_x = sum_x / torch.where(n > 0, n, torch.ones_like(n)).unsqueeze(-1)
+    total_var = _div(s[..., SXX], n) - (mean_x * mean_x).sum(-1)
+    # sae_lens 6.54: a constant activation explains everything iff it is reconstructed exactly.
+    degenerate = total_var < 1e-10
+    ev = 1.0 - mse / torch.where(degenerate, torch.ones_like(total_var), total_var)
+    ev = torch.where(degenerate, torch.where(mse < 1e-10, 1.0, 0.0).to(ev.dtype), ev)
+    out["explained_variance"] = torch.where(n > 0, ev, torch.nan)
+    n_elem = n * d_in
+    ss_tot = s[..., SXX] - _div(s[..., S_ELEM] ** 2, n_elem)
+    out["r2_pooled"] = 1.0 - _div(s[..., SSE], ss_tot)
+    out["mse"] = mse
+    out["cossim"] = _div(s[..., COS_SUM], n)
+    out["outlier_fraction"] = _div(s[..., N_OUTLIER], s[..., N_INCLUDED])
+    out["nonfinite_fraction"] = _div(s[..., N_NONFINITE], s[..., N_INCLUDED])
+    return out
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

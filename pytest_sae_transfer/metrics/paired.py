@@ -1,0 +1,107 @@
+"""Base-vs-finetune statistics on the same tokens, streamed.
+
+Per feature it keeps the five Pearson sums (Σa, Σb, Σa², Σb², Σab) and the sum of
+|log10(a+ε) − log10(b+ε)| for *every* feature, so the "regular" and "dead in one
+model" sets can be chosen after the pass from the final densities, with no
+second pass and no [tokens x d_sae] tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .stats import LOG_EPS
+
+#: Fixed histogram bins for per-token residual similarity.
+COSINE_EDGES = torch.linspace(-1.0, 1.0, 201, dtype=torch.float64)
+EUCLID_LOG10_EDGES = torch.linspace(-4.0, 5.0, 181, dtype=torch.float64)
+
+# Per-context columns, for the bootstrap of the residual means.
+P_N, P_COS, P_EUC = range(3)
+
+
+class PairedAccumulator:
+    def __init__(self, d_sae: int, context_size: int) -> None:
+        f64 = torch.float64
+        self.d_sae = d_sae
+        self.context_size = context_size
+        self.n = 0.0
+        self.sum_a = torch.zeros(d_sae, dtype=f64)
+        self.sum_b = torch.zeros(d_sae, dtype=f64)
+        self.sum_aa = torch.zeros(d_sae, dtype=f64)
+        self.sum_bb = torch.zeros(d_sae, dtype=f64)
+        self.sum_ab = torch.zeros(d_sae, dtype=f64)
+        self.sum_log_err = torch.zeros(d_sae, dtype=f64)
+        self.pos_n = torch.zeros(context_size, dtype=f64)
+        self.pos_cos = torch.zeros(context_size, dtype=f64)
+        self.pos_euc = torch.zeros(context_size, dtype=f64)
+        self.cos_hist = torch.zeros(len(COSINE_EDGES) - 1, dtype=f64)
+        self.euc_hist = torch.zeros(len(EUCLID_LOG10_EDGES) - 1, dtype=f64)
+        self._context_stats: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def update(
+        self,
+        x_base: torch.Tensor,
+        x_ft: torch.Tensor,
+        f_base: torch.Tensor,
+        f_ft: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> None:
+        """x_*: [B, T, d_in]; f_*: [B, T, d_sae]; mask: bool [B, T] of tokens to use."""
+        f64 = torch.float64
+        xb = x_base.to(f64)
+        xf = x_ft.to(f64)
+        cos = (xb * xf).sum(-1) / (xb.norm(dim=-1) * xf.norm(dim=-1)).clamp_min(1e-30)
+        euc = (xb - xf).norm(dim=-1)
+        m = mask.to(f64)
+        cos = torch.where(mask, cos, 0.0)
+        euc = torch.where(mask, euc, 0.0)
+        T = mask.shape[1]
+        self.pos_n[:T] += m.sum(0).cpu()
+        self.pos_cos[:T] += cos.sum(0).cpu()
+        self.pos_euc[:T] += euc.sum(0).cpu()
+        ctx = torch.stack([m.sum(1), cos.sum(1), euc.sum(1)], dim=1)
+        self._context_stats.append(ctx.cpu())
+
+        sel_cos = cos[mask]
+        sel_euc = euc[mask].clamp_min(1e-30).log10()
+        self.cos_hist += _hist(sel_cos, COSINE_EDGES).cpu()
+        self.euc_hist += _hist(sel_euc, EUCLID_LOG10_EDGES).cpu()
+
+        a = f_base[mask]
+        b = f_ft[mask]
+        self.n += float(a.shape[0])
+        self.sum_a += a.sum(0, dtype=f64).cpu()
+        self.sum_b += b.sum(0, dtype=f64).cpu()
+        self.sum_aa += (a * a).sum(0, dtype=f64).cpu()
+        self.sum_bb += (b * b).sum(0, dtype=f64).cpu()
+        self.sum_ab += (a * b).sum(0, dtype=f64).cpu()
+        # The SPEC's dead-feature error: log10 of the (non-negative) activation plus ε.
+        log_a = a.clamp_min(0).to(f64).add_(LOG_EPS).log10_()
+        log_b = b.clamp_min(0).to(f64).add_(LOG_EPS).log10_()
+        self.sum_log_err += (log_a - log_b).abs_().sum(0).cpu()
+
+    def context_table(self) -> torch.Tensor:
+        if not self._context_stats:
+            return torch.zeros(0, 3, dtype=torch.float64)
+        return torch.cat(self._context_stats)
+
+    def by_position(self) -> tuple[list[float | None], list[float | None]]:
+        cos = [float(c / n) if n > 0 else None for c, n in zip(self.pos_cos, self.pos_n)]
+        euc = [float(e / n) if n > 0 else None for e, n in zip(self.pos_euc, self.pos_n)]
+        return cos, euc
+
+    def histograms(self) -> dict[str, dict[str, Any]]:
+        return {
+            "resid_cosine": {"edges": COSINE_EDGES.numpy(), "counts": self.cos_hist.numpy()},
+            "resid_euclidean_log10": {"edges": EUCLID_LOG10_EDGES.numpy(), "counts": self.euc_hist.numpy()},
+        }
+
+
+def _hist(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    lo, hi = float(edges[0]), float(edges[-1])
+    v = values.to(torch.float64).clamp(lo, hi - 1e-9)
+    return torch.histc(v, bins=len(edges) - 1, min=lo, max=hi)

@@ -1,0 +1,46 @@
+"""Small numeric helpers shared by the accumulators."""
+
+from __future__ import annotations
+
+import torch
+
+#: log10(density + EPS) is the SPEC's feature log-density; the same EPS is used
+#: for the dead-feature activation error.
+LOG_EPS = 1e-10
+
+
+def pearson_from_sums(
+    n: torch.Tensor | float,
+    sum_a: torch.Tensor,
+    sum_b: torch.Tensor,
+    sum_aa: torch.Tensor,
+    sum_bb: torch.Tensor,
+    sum_ab: torch.Tensor,
+) -> torch.Tensor:
+    """Pearson correlation from streamed sums; NaN where either side has zero variance."""
+    n = torch.as_tensor(n, dtype=torch.float64)
+    cov = n * sum_ab - sum_a * sum_b
+    var_a = n * sum_aa - sum_a * sum_a
+    var_b = n * sum_bb - sum_b * sum_b
+    # Relative tolerance: a variance that is a rounding residue of n*Σa² − (Σa)² is zero.
+    tol_a = 1e-12 * (n * sum_aa).abs()
+    tol_b = 1e-12 * (n * sum_bb).abs()
+    defined = (var_a > tol_a) & (var_b > tol_b)
+    denom = torch.sqrt(var_a.clamp_min(0) * var_b.clamp_min(0))
+    corr = torch.where(defined, cov / torch.where(defined, denom, torch.ones_like(denom)), torch.nan)
+    return corr.clamp(-1.0, 1.0)
+
+
+def rowwise_pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation between matching rows of two [rows, n] matrices (float64 out)."""
+    a = a.to(torch.float64)
+    b = b.to(torch.float64)
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    num = (a * b).sum(dim=1)
+    den = torch.sqrt((a * a).sum(dim=1) * (b * b).sum(dim=1))
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.nan)
+
+
+def safe_ratio(num: float, den: float) -> float:
+    return num / den if den != 0 else float("nan")

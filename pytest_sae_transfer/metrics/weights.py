@@ -1,0 +1,74 @@
+"""Paired metrics that come from the weights alone: logit similarity, the unembedding
+norm ratio and the per-block weight deviation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .stats import rowwise_pearson
+
+
+def folded_unembed(model: Any) -> torch.Tensor:
+    """W_U [d_model, d_vocab] with the final normalisation's weight folded in.
+
+    With ``fold_ln=True`` TransformerLens has already folded it (ln_final has no
+    ``w``); otherwise fold it here, which is what ``fold_ln`` would have done.
+    """
+    W_U = model.W_U.detach()
+    ln_final = getattr(model, "ln_final", None)
+    w = getattr(ln_final, "w", None) if ln_final is not None else None
+    if isinstance(w, torch.Tensor):
+        W_U = w.detach().to(W_U.dtype).unsqueeze(1) * W_U
+    return W_U
+
+
+@torch.no_grad()
+def logit_similarity(
+    W_dec: torch.Tensor,
+    W_U_base: torch.Tensor,
+    W_U_ft: torch.Tensor,
+    n_vocab: int,
+    chunk_elems: int = 1 << 25,
+) -> torch.Tensor:
+    """Per-feature Pearson correlation of W_dec[i]·W_U over the shared vocabulary.
+
+    Chunked over features so that only [chunk, n_vocab] logit weights exist at once.
+    Returns float64 [d_sae] on CPU.
+    """
+    d_sae = W_dec.shape[0]
+    device = W_U_base.device
+    compute_dtype = torch.float32
+    Wb = W_U_base[:, :n_vocab].to(compute_dtype)
+    Wf = W_U_ft[:, :n_vocab].to(device=device, dtype=compute_dtype)
+    chunk = max(1, min(d_sae, chunk_elems // max(1, n_vocab)))
+    out = torch.empty(d_sae, dtype=torch.float64)
+    for start in range(0, d_sae, chunk):
+        dec = W_dec[start : start + chunk].to(device=device, dtype=compute_dtype)
+        out[start : start + chunk] = rowwise_pearson(dec @ Wb, dec @ Wf).cpu()
+    return out
+
+
+@torch.no_grad()
+def frobenius_ratio(W_ft: torch.Tensor, W_base: torch.Tensor) -> float:
+    return float(W_ft.double().norm() / W_base.double().norm().to(W_ft.device))
+
+
+@torch.no_grad()
+def weight_deviation(base: Any, finetune: Any) -> list[float | None]:
+    """‖θ_ft − θ_base‖_F / ‖θ_base‖_F over all parameters of each transformer block."""
+    out: list[float | None] = []
+    for block_b, block_f in zip(base.blocks, finetune.blocks):
+        params_f = dict(block_f.named_parameters())
+        num = 0.0
+        den = 0.0
+        for name, p_b in block_b.named_parameters():
+            p_f = params_f.get(name)
+            if p_f is None or p_f.shape != p_b.shape:
+                continue
+            pb = p_b.detach().double()
+            num += float((p_f.detach().to(pb.device).double() - pb).pow(2).sum())
+            den += float(pb.pow(2).sum())
+        out.append((num**0.5) / (den**0.5) if den > 0 else None)
+    return out

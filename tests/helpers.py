@@ -1,0 +1,51 @@
+"""Tiny real models and SAEs that tests build for themselves (random weights, seeded)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_pair(seed: int = 0, d_model: int = 32, n_layers: int = 2, d_vocab: int = 100, n_ctx: int = 32, noise: float = 0.05):
+    """A random HookedTransformer and a perturbed copy of it (the 'finetune')."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=d_model, n_heads=2, d_head=d_model // 2, d_mlp=2 * d_model,
+        n_ctx=n_ctx, d_vocab=d_vocab, act_fn="gelu", normalization_type="LN", seed=seed,
+    )
+    base = HookedTransformer(cfg).eval()
+    ft = HookedTransformer(cfg).eval()
+    ft.load_state_dict(base.state_dict())
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=gen))
+    return base, ft
+
+
+def tiny_sae(d_in: int = 32, d_sae: int = 64, hook_name: str = "blocks.0.hook_resid_post", seed: int = 0, architecture: str = "standard", **extra):
+    """A random sae_lens SAE; a negative encoder bias makes it sparse."""
+    from sae_lens import SAE
+
+    cfg = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "metadata": {"hook_name": hook_name, "context_size": 16, "prepend_bos": True, "model_name": "tiny"}}
+    cfg.update(extra)
+    torch.manual_seed(seed)
+    sae = SAE.from_dict(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn_like(sae.W_enc) / d_in**0.5)
+        sae.W_dec.copy_(sae.W_enc.T.clone() * 0.5)
+        if hasattr(sae, "b_enc"):
+            sae.b_enc.fill_(-0.3)
+        if hasattr(sae, "threshold"):
+            sae.threshold.fill_(0.1)
+    return sae.eval()
+
+
+def random_tokens(n_ctx: int, ctx: int, d_vocab: int = 100, seed: int = 0, bos: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    toks = torch.randint(3, d_vocab, (n_ctx, ctx), generator=gen)
+    toks[:, 0] = bos
+    return toks
