@@ -59,6 +59,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("shuffle_seed", "--sae-shuffle-seed", "sae_shuffle_seed", "shuffle dataset rows with this seed (default: rows in order)", kind="int", metavar="SEED"),
     OptionSpec("seed", "--sae-seed", "sae_seed", "seed for the bootstrap (default 0)", kind="int", default=0, metavar="SEED"),
     OptionSpec("n_bootstrap", "--sae-bootstrap", "sae_bootstrap", "bootstrap resamples for the 95%% intervals; 0 turns them off (default 1000)", kind="int", default=1000, metavar="N"),
+    OptionSpec("sequential", "--sae-sequential", "sae_sequential", "load the base and each finetune one after the other, spilling the base's activations to disk (automatic on CUDA when they do not fit together)", kind="bool", default=False),
     OptionSpec("allow_tokenizer_mismatch", "--sae-allow-tokenizer-mismatch", "sae_allow_tokenizer_mismatch", "accept a finetune tokenizer that encodes the eval text differently from the base tokenizer", kind="bool", default=False),
     OptionSpec("trust_remote_code", "--sae-trust-remote-code", "sae_trust_remote_code", "allow transformers to run code shipped with a hub model (off by default)", kind="bool", default=False),
 )
@@ -91,6 +92,7 @@ class RunConfig:
     shuffle_seed: int | None = None
     seed: int = 0
     n_bootstrap: int = 1000
+    sequential: bool = False
     allow_tokenizer_mismatch: bool = False
     trust_remote_code: bool = False
 

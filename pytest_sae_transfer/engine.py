@@ -51,6 +51,11 @@ class EngineOptions:
     fuse_continuations: bool = True
     progress: bool | None = None  # None: only when stderr is a terminal
     progress_file: Any = None
+    # Sequential: the base runs alone first and spills what the paired metrics need
+    # (hook activations, sparse features) to disk; then each finetune runs alone.
+    # For pairs that do not fit on the device together.
+    sequential: bool = False
+    spill_dir: str | None = None
 
 
 @dataclasses.dataclass
@@ -198,18 +203,22 @@ def _validate(base: Any, finetunes: Sequence[tuple[str, Any]], sae: Any, tokens:
         raise EngineError(f"context size {tokens.shape[1]} exceeds the base model's n_ctx {base.cfg.n_ctx}")
     max_id = int(tokens.max())
     for name, model in [("base", base), *finetunes]:
-        if model.cfg.d_model != base.cfg.d_model or model.cfg.n_layers != base.cfg.n_layers:
-            raise EngineError(
-                f"finetune {name!r} has d_model={model.cfg.d_model}, n_layers={model.cfg.n_layers}; "
-                f"the base has d_model={base.cfg.d_model}, n_layers={base.cfg.n_layers}. A finetune must share the base architecture."
-            )
-        if max_id >= model.cfg.d_vocab:
-            raise EngineError(f"token id {max_id} is outside the vocabulary of {name!r} (d_vocab={model.cfg.d_vocab})")
+        _validate_model(name, model, base, max_id)
     if isinstance(options.outlier_norm, str) and options.outlier_norm != "auto":
         raise EngineError(f"outlier_norm must be a positive number, 'auto' or None; got {options.outlier_norm!r}")
     if isinstance(options.outlier_norm, (int, float)) and not options.outlier_norm > 0:
         raise EngineError(f"outlier_norm must be a positive number; got {options.outlier_norm!r}")
     return layer
+
+
+def _validate_model(name: str, model: Any, base: Any, max_id: int) -> None:
+    if model.cfg.d_model != base.cfg.d_model or model.cfg.n_layers != base.cfg.n_layers:
+        raise EngineError(
+            f"finetune {name!r} has d_model={model.cfg.d_model}, n_layers={model.cfg.n_layers}; "
+            f"the base has d_model={base.cfg.d_model}, n_layers={base.cfg.n_layers}. A finetune must share the base architecture."
+        )
+    if max_id >= model.cfg.d_vocab:
+        raise EngineError(f"token id {max_id} is outside the vocabulary of {name!r} (d_vocab={model.cfg.d_vocab})")
 
 
 @torch.no_grad()
@@ -260,20 +269,25 @@ def run_transfer(
 ) -> EngineOutput:
     """Evaluate the SAE on the base and each finetune over ``tokens`` [contexts, positions].
 
+    ``finetunes`` maps names to HookedTransformers, or to zero-argument callables
+    that load one (so that in sequential mode only one finetune is resident).
     ``base_state``, when given (from the cache), skips the base model's continuations:
     the base still runs to the hook layer, because the paired metrics need its
     features token by token.
     """
     ft_items = list(finetunes.items()) if isinstance(finetunes, Mapping) else list(finetunes)
-    layer = _validate(base, ft_items, sae, tokens, options)
+    sequential = options.sequential
+    if not sequential:
+        ft_items = [(name, _materialise(m)) for name, m in ft_items]
+    layer = _validate(base, [(n, m) for n, m in ft_items if not callable(m) or hasattr(m, "cfg")], sae, tokens, options)
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
     n_ctx, T = tokens.shape
     special_ids = options.special_token_ids if options.special_token_ids is not None else default_special_ids(base)
     special = torch.tensor(sorted(set(special_ids)), dtype=tokens.dtype)
 
+    loaders = [(name, model) for name, model in ft_items]
     make = lambda m: _Runner(m, layer, options.logits_chunk_elems, options.fuse_continuations)  # noqa: E731
     base_runner = make(base)
-    ft_runners = [(name, make(model)) for name, model in ft_items]
 
     tau: float | None
     if base_state is not None:
@@ -284,12 +298,16 @@ def run_transfer(
         tau = float(options.outlier_norm) if options.outlier_norm is not None else None
 
     base_acc = ModelAccumulator(d_in, d_sae) if base_state is None else None
-    ft_accs = {name: ModelAccumulator(d_in, d_sae) for name, _ in ft_runners}
-    pair_accs = {name: PairedAccumulator(d_sae, T) for name, _ in ft_runners}
+    ft_accs = {name: ModelAccumulator(d_in, d_sae) for name, _ in loaders}
+    pair_accs = {name: PairedAccumulator(d_sae, T) for name, _ in loaders}
+    # What the paired metrics need from the base, kept per weight-metric and finetune.
+    W_U_base = folded_unembed(base).detach()
+    weight_metrics: dict[str, dict[str, Any]] = {}
 
-    n_models = 1 + len(ft_runners)
+    n_models = 1 + len(loaders)
     bar = _progress_bar(n_ctx * T * n_models, options, f"sae-transfer ({n_models} models)")
     started = time.perf_counter()
+    batch_size = options.batch_size
     oom_splits = 0
 
     def model_batch(runner: _Runner, toks: torch.Tensor, included: torch.Tensor, with_losses: bool) -> ModelBatch:
@@ -307,45 +325,72 @@ def run_transfer(
             batch.ce_clean, batch.ce_spliced, batch.ce_zero, batch.kl = runner.continuations(toks, x, x_spliced)
         return batch
 
-    def process(toks_cpu: torch.Tensor) -> None:
-        nonlocal oom_splits
-        try:
-            toks = toks_cpu.to(base_runner.device)
-            included = _included(toks, special, options)
-            b = model_batch(base_runner, toks, included, base_acc is not None)
-            fts = []
-            for name, runner in ft_runners:
-                fts.append((name, model_batch(runner, toks.to(runner.device), included.to(runner.device), True)))
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
-            if not _is_oom(exc) or toks_cpu.shape[0] == 1:
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            oom_splits += 1
-            half = toks_cpu.shape[0] // 2
-            process(toks_cpu[:half])
-            process(toks_cpu[half:])
-            return
-        # All outputs of this batch exist: only now update the accumulators, so a retried
-        # batch is never counted twice.
-        act_ok_b = torch.isfinite(b.x).all(-1) & torch.isfinite(b.x_hat).all(-1) & torch.isfinite(b.feats).all(-1)
-        if base_acc is not None:
-            base_acc.update(b)
-        for name, fb in fts:
-            ft_accs[name].update(fb)
-            act_ok_f = torch.isfinite(fb.x).all(-1) & torch.isfinite(fb.x_hat).all(-1) & torch.isfinite(fb.feats).all(-1)
-            mask = b.included & act_ok_b & act_ok_f.to(act_ok_b.device)
-            dev = b.x.device
-            pair_accs[name].update(b.x, fb.x.to(dev), b.feats, fb.feats.to(dev), mask)
+    def run_pass(base_live: bool, ft_runners: list[tuple[str, _Runner]], spill: _BaseSpill | None) -> None:
+        """One sweep over the tokens. With ``base_live`` the base runs here; otherwise its
+        activations and features come back from ``spill``, written by an earlier sweep."""
+        nonlocal batch_size, oom_splits
+        cursor = 0
+        while cursor < n_ctx:
+            toks_cpu = tokens[cursor : cursor + batch_size]
+            try:
+                toks = toks_cpu.to(base_runner.device)
+                included = _included(toks, special, options)
+                if base_live:
+                    b = model_batch(base_runner, toks, included, base_acc is not None)
+                    base_view = _BaseView(b.x, b.feats, included, _activations_finite(b))
+                else:
+                    assert spill is not None
+                    base_view = spill.read(cursor, toks_cpu.shape[0], base_runner.device)
+                fts = [(name, model_batch(runner, toks.to(runner.device), included.to(runner.device), True)) for name, runner in ft_runners]
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                if not _is_oom(exc) or batch_size == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                # Nothing of this batch was counted yet: retry it, and the rest, at half the size.
+                batch_size = max(1, batch_size // 2)
+                oom_splits += 1
+                continue
+            if base_live:
+                if base_acc is not None:
+                    base_acc.update(b)
+                if spill is not None:
+                    spill.write(cursor, base_view)
+            for name, fb in fts:
+                ft_accs[name].update(fb)
+                dev = base_view.x.device
+                mask = base_view.included & base_view.finite & _activations_finite(fb).to(dev)
+                pair_accs[name].update(base_view.x, fb.x.to(dev), base_view.feats, fb.feats.to(dev), mask)
+            cursor += toks_cpu.shape[0]
+            if bar is not None:
+                bar.update(toks_cpu.numel() * ((1 if base_live else 0) + len(ft_runners)))
+            if on_batch is not None:
+                on_batch(cursor, n_ctx)
+
+    def finish_weights(name: str, model: Any) -> None:
+        weight_metrics[name] = _weight_metrics(base, model, W_dec=sae.W_dec.detach(), W_U_base=W_U_base)
 
     try:
-        for start in range(0, n_ctx, options.batch_size):
-            toks_cpu = tokens[start : start + options.batch_size]
-            process(toks_cpu)
-            if bar is not None:
-                bar.update(toks_cpu.numel() * n_models)
-            if on_batch is not None:
-                on_batch(start + toks_cpu.shape[0], n_ctx)
+        if not sequential:
+            runners = [(name, make(_materialise(m))) for name, m in loaders]
+            run_pass(True, runners, None)
+            for name, runner in runners:
+                finish_weights(name, runner.model)
+        else:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="sae-transfer-spill-", dir=options.spill_dir) as spill_dir:
+                spill = _BaseSpill(spill_dir)
+                run_pass(True, [], spill)
+                base_blocks = _blocks_to_cpu(base)
+                for name, m in loaders:
+                    model = _materialise(m)
+                    _validate_model(name, model, base, int(tokens.max()))
+                    run_pass(False, [(name, make(model))], spill)
+                    weight_metrics[name] = _weight_metrics(base_blocks, model, W_dec=sae.W_dec.detach(), W_U_base=W_U_base)
+                    del model
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
     finally:
         if bar is not None:
             bar.close()
@@ -373,9 +418,7 @@ def run_transfer(
     for key, hist in base_state.histograms.items():
         features.histograms[f"base/{key}"] = hist
     finetune_results = []
-    W_dec = sae.W_dec.detach()
-    W_U_base = folded_unembed(base)
-    for name, runner in ft_runners:
+    for name, _ in loaders:
         acc = ft_accs[name]
         stats, sum_x = acc.context_tables()
         result = FinetuneResult(
@@ -383,7 +426,7 @@ def run_transfer(
             metrics=_clean(acc.summary()),
             ci95=model_intervals(stats, sum_x, weights) if weights is not None else {},
         )
-        paired, vectors, notes = _paired_metrics(base_state, acc, pair_accs[name], base, runner.model, W_dec, W_U_base)
+        paired, vectors, notes = _paired_metrics(base_state, acc, pair_accs[name], weight_metrics[name])
         result.paired = paired
         result.notes.extend(notes)
         result.paired_ci95 = paired_intervals(pair_accs[name].context_table(), weights) if weights is not None else {}
@@ -402,6 +445,8 @@ def run_transfer(
             "context_size": T,
             "n_tokens": n_ctx * T,
             "batch_size": options.batch_size,
+            "final_batch_size": batch_size,
+            "sequential": sequential,
             "exclude_special_tokens": options.exclude_special_tokens,
             "special_token_ids": list(map(int, special.tolist())),
             "outlier_norm": tau,
@@ -418,6 +463,108 @@ def run_transfer(
     )
     report = TransferReport(config=run_config, base=base_state.result, finetunes=finetune_results, features=features)
     return EngineOutput(report=report, base_state=base_state, oom_splits=oom_splits)
+
+
+@dataclasses.dataclass
+class _BaseView:
+    """The base model's side of one batch, as the paired metrics need it."""
+
+    x: torch.Tensor  # float32 [B, T, d_in]
+    feats: torch.Tensor  # float32 [B, T, d_sae]
+    included: torch.Tensor  # bool [B, T]
+    finite: torch.Tensor  # bool [B, T]
+
+
+def _activations_finite(b: ModelBatch) -> torch.Tensor:
+    return torch.isfinite(b.x).all(-1) & torch.isfinite(b.x_hat).all(-1) & torch.isfinite(b.feats).all(-1)
+
+
+class _BaseSpill:
+    """The base's activations and (sparse) features, written per batch to a scratch directory.
+
+    Size on disk: about tokens x (4 d_in + 8 L0) bytes; memory stays one batch.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.chunks: list[tuple[int, int, str]] = []
+        self._cached: tuple[int, int, dict[str, torch.Tensor]] | None = None
+
+    def write(self, start: int, view: _BaseView) -> None:
+        from safetensors.torch import save_file
+
+        B, T, d_sae = view.feats.shape
+        flat = view.feats.reshape(B * T, d_sae)
+        rows, cols = flat.nonzero(as_tuple=True)
+        path = f"{self.directory}/base-{start:09d}.safetensors"
+        save_file(
+            {
+                "x": view.x.contiguous().cpu(),
+                "rows": rows.to(torch.int32).cpu(),
+                "cols": cols.to(torch.int32).cpu(),
+                "vals": flat[rows, cols].float().cpu(),
+                "included": view.included.cpu().to(torch.uint8),
+                "finite": view.finite.cpu().to(torch.uint8),
+                "shape": torch.tensor([B, T, d_sae]),
+            },
+            path,
+        )
+        self.chunks.append((start, B, path))
+
+    def _load(self, start: int, n: int, path: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        if self._cached is None or self._cached[0] != start:
+            self._cached = (start, n, load_file(path))
+        return self._cached[2]
+
+    def read(self, start: int, n: int, device: Any) -> _BaseView:
+        parts = []
+        for c_start, c_n, path in self.chunks:
+            lo, hi = max(start, c_start), min(start + n, c_start + c_n)
+            if lo >= hi:
+                continue
+            data = self._load(c_start, c_n, path)
+            B, T, d_sae = data["shape"].tolist()
+            feats = torch.zeros(B * T, d_sae, dtype=torch.float32)
+            feats[data["rows"].long(), data["cols"].long()] = data["vals"]
+            sl = slice(lo - c_start, hi - c_start)
+            parts.append((data["x"][sl], feats.reshape(B, T, d_sae)[sl], data["included"][sl].bool(), data["finite"][sl].bool()))
+        x, feats, included, finite = (torch.cat([p[i] for p in parts]).to(device) for i in range(4))
+        return _BaseView(x, feats, included, finite)
+
+
+def _materialise(model_or_loader: Any) -> Any:
+    """A model, or the model a zero-argument loader returns."""
+    if hasattr(model_or_loader, "cfg") or not callable(model_or_loader):
+        return model_or_loader
+    return model_or_loader()
+
+
+def _blocks_to_cpu(model: Any) -> list[dict[str, torch.Tensor]]:
+    """The base's block parameters on the CPU, for weight deviation in sequential mode."""
+    return [{n: p.detach().to("cpu", copy=True) for n, p in block.named_parameters()} for block in model.blocks]
+
+
+def _weight_metrics(base: Any, finetune: Any, W_dec: torch.Tensor, W_U_base: torch.Tensor) -> dict[str, Any]:
+    """Weight-only paired metrics; ``base`` is the base model or its blocks' parameters."""
+    notes: list[str] = []
+    V_base = W_U_base.shape[1]
+    V_ft = finetune.cfg.d_vocab_out
+    n_vocab = min(V_base, V_ft)
+    if V_ft != V_base:
+        notes.append(
+            f"vocabulary sizes differ (base {V_base}, finetune {V_ft}); weight-based metrics use the shared first {n_vocab} tokens"
+        )
+    W_U_ft = folded_unembed(finetune)
+    base_blocks = base if isinstance(base, list) else [dict(b.named_parameters()) for b in base.blocks]
+    return {
+        "logit_similarity": logit_similarity(W_dec, W_U_base, W_U_ft, n_vocab),
+        "unembed_frobenius_ratio": frobenius_ratio(W_U_ft[:, :n_vocab], W_U_base[:, :n_vocab].to(W_U_ft.device)),
+        "weight_deviation": weight_deviation(base_blocks, finetune),
+        "n_shared_vocab": n_vocab,
+        "notes": notes,
+    }
 
 
 def evaluate_transfer(
@@ -453,12 +600,9 @@ def _paired_metrics(
     base_state: BaseState,
     ft_acc: ModelAccumulator,
     pair: PairedAccumulator,
-    base_model: Any,
-    ft_model: Any,
-    W_dec: torch.Tensor,
-    W_U_base: torch.Tensor,
+    weights_part: Mapping[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    notes: list[str] = []
+    notes: list[str] = list(weights_part["notes"])
     d_sae = pair.d_sae
     dens_b = base_state.fire_count / base_state.n_eval if base_state.n_eval > 0 else torch.full((d_sae,), math.nan, dtype=torch.float64)
     dens_f = ft_acc.densities()
@@ -477,16 +621,7 @@ def _paired_metrics(
     undefined = int((regular & torch.isnan(act_sim_all)).sum())
     act_mean, act_median, act_frac = _summary(act_sim[regular])
 
-    V_base = base_model.cfg.d_vocab
-    V_ft = ft_model.cfg.d_vocab
-    n_vocab = min(V_base, V_ft, W_U_base.shape[1])
-    if V_ft != V_base:
-        notes.append(
-            f"vocabulary sizes differ (base {V_base}, finetune {V_ft}); weight-based metrics use the shared first {n_vocab} tokens"
-        )
-    W_U_ft = folded_unembed(ft_model)
-    logit_all = logit_similarity(W_dec, W_U_base, W_U_ft, n_vocab)
-    logit_sim = torch.where(regular, logit_all, torch.nan)
+    logit_sim = torch.where(regular, weights_part["logit_similarity"], torch.nan)
     logit_mean, logit_median, _ = _summary(logit_sim[regular])
 
     mean_log_err = pair.sum_log_err / pair.n if pair.n > 0 else torch.full((d_sae,), math.nan, dtype=torch.float64)
@@ -518,9 +653,9 @@ def _paired_metrics(
         "logit_similarity_median": logit_median,
         "dead_activation_error_base_only_mean": mean_over(base_only),
         "dead_activation_error_finetune_only_mean": mean_over(ft_only),
-        "unembed_frobenius_ratio": frobenius_ratio(W_U_ft[:, :n_vocab], W_U_base[:, :n_vocab]),
-        "weight_deviation": weight_deviation(base_model, ft_model),
-        "n_shared_vocab": int(n_vocab),
+        "unembed_frobenius_ratio": weights_part["unembed_frobenius_ratio"],
+        "weight_deviation": weights_part["weight_deviation"],
+        "n_shared_vocab": int(weights_part["n_shared_vocab"]),
     }
     vectors = {
         "density_base": dens_b.numpy(),

@@ -66,6 +66,7 @@ class TransferSession:
         self._base_result: ModelResult | None = None
         self._pairs: dict[str, tuple[FinetuneResult, dict[str, Any], dict[str, Any]]] = {}
         self._profile: Any = None
+        self._transient_notes: dict[str, list[str]] = {}
         self.notes: list[str] = []
 
     # -- resolution ---------------------------------------------------------
@@ -305,15 +306,42 @@ class TransferSession:
             if missing or self._base_state is None:
                 self._compute(missing, cache)
 
+    def _sequential(self, base: LoadedModel, n_finetunes: int) -> bool:
+        """Whether the finetunes must run one at a time after the base (they would not fit beside it)."""
+        if self.config.sequential:
+            return True
+        if not self.device.startswith("cuda") or n_finetunes == 0:
+            return False
+        import torch
+
+        model_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
+        free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+        # Keep a quarter of what is free for activations and logits.
+        return n_finetunes * model_bytes > 0.75 * free
+
+    def _transient_model(self, name: str) -> Callable[[], Any]:
+        def load() -> Any:
+            loaded = self.model(name)
+            self._models.pop(name, None)  # not kept: sequential mode holds one finetune at a time
+            self._transient_notes[name] = loaded.notes
+            return loaded.model
+
+        return load
+
     def _compute(self, finetunes: list[str], cache: ResultCache) -> None:
         from .engine import EngineError, run_transfer
 
         base = self.model(self.base_name)
-        models = [(ft, self.model(ft).model) for ft in finetunes]
+        sequential = self._sequential(base, len(finetunes))
+        if sequential:
+            models = [(ft, self._transient_model(ft)) for ft in finetunes]
+        else:
+            models = [(ft, self.model(ft).model) for ft in finetunes]
+        options = dataclasses.replace(self.engine_options(), sequential=sequential)
         try:
             with self._quiet_context():
                 out = run_transfer(
-                    base.model, models, self.sae.sae, self.token_set.tokens, self.engine_options(),
+                    base.model, models, self.sae.sae, self.token_set.tokens, options,
                     base_name=self.base_name, base_state=self._base_state,
                 )
         except EngineError as exc:
@@ -326,7 +354,8 @@ class TransferSession:
         features = out.report.features or FeatureArrays()
         for ft_result in out.report.finetunes:
             name = ft_result.model
-            ft_result.notes.extend(self.model(name).notes)
+            loaded = self._models.get(name)
+            ft_result.notes.extend(loaded.notes if loaded is not None else self._transient_notes.get(name, []))
             hists = {k.split("/", 1)[1]: v for k, v in features.histograms.items() if k.startswith(name + "/")}
             self._pairs[name] = (ft_result, features.vectors.get(name, {}), hists)
             self._store_pair(cache, name)

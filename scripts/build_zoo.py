@@ -108,11 +108,11 @@ CODE_CHUNK_CHARS = 6000
 # Training schedules (steps are sized for ~2 CPU cores; see --probe).
 BATCH = 32
 SCHEDULES: dict[str, dict[str, Any]] = {
-    "toy-base": dict(steps=800, lr=2e-3, warmup=60, min_lr_frac=0.1, wd=0.05),
-    "toy-prose": dict(steps=60, lr=1e-4, warmup=5, min_lr_frac=1.0, wd=0.0),
-    "toy-code": dict(steps=400, lr=3e-3, warmup=20, min_lr_frac=0.3, wd=0.0),
+    "toy-base": dict(steps=550, lr=2e-3, warmup=60, min_lr_frac=0.1, wd=0.05),
+    "toy-prose": dict(steps=40, lr=1e-4, warmup=5, min_lr_frac=1.0, wd=0.0),
+    "toy-code": dict(steps=300, lr=3e-3, warmup=20, min_lr_frac=0.3, wd=0.0),
 }
-SAE_TRAIN_TOKENS = 3_000_000
+SAE_TRAIN_TOKENS = 2_000_000
 SAE_L1 = 5.0
 SAE_LR = 1e-3
 SAE_TOPK_K = 16
@@ -531,7 +531,7 @@ def train_lm(model, rows, sched: dict[str, Any], name: str, eval_sets: dict[str,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if s % 10 == 0 or s == steps - 1:
+        if s % 50 == 0 or s == steps - 1:
             log(f"{name} step {s}/{steps} loss {loss.item():.3f} lr {lr_at(s):.2e} ({(time.time() - t0) / (s + 1):.2f}s/step)")
     model.eval()
     round_fp16(model)
@@ -722,6 +722,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
     torch.manual_seed(SEED)
     np.random.seed(SEED)
 

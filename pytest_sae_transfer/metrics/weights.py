@@ -56,14 +56,16 @@ def frobenius_ratio(W_ft: torch.Tensor, W_base: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def weight_deviation(base: Any, finetune: Any) -> list[float | None]:
-    """‖θ_ft − θ_base‖_F / ‖θ_base‖_F over all parameters of each transformer block."""
+def weight_deviation(base_blocks: list[dict[str, torch.Tensor]], finetune: Any) -> list[float | None]:
+    """‖θ_ft − θ_base‖_F / ‖θ_base‖_F over all parameters of each transformer block.
+
+    ``base_blocks`` holds each base block's named parameters (on any device)."""
     out: list[float | None] = []
-    for block_b, block_f in zip(base.blocks, finetune.blocks):
+    for params_b, block_f in zip(base_blocks, finetune.blocks):
         params_f = dict(block_f.named_parameters())
         num = 0.0
         den = 0.0
-        for name, p_b in block_b.named_parameters():
+        for name, p_b in params_b.items():
             p_f = params_f.get(name)
             if p_f is None or p_f.shape != p_b.shape:
                 continue
