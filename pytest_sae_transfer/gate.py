@@ -60,6 +60,7 @@ class PluginState:
         self.final_report: TransferReport | None = None
         self.worker_payloads: list[dict[str, Any]] = []
         self.written: list[str] = []
+        self.write_error: str | None = None
 
     @property
     def is_worker(self) -> bool:
@@ -212,7 +213,11 @@ def merge_reports(parts: list[TransferReport]) -> TransferReport | None:
             if ft.model not in seen:
                 seen.add(ft.model)
                 finetunes.append(ft)
-    return TransferReport(config=dict(first.config), base=first.base, finetunes=finetunes, features=features)
+    config = dict(first.config)
+    if len(parts) > 1:
+        # Under xdist: which worker computed what (the base must be computed once).
+        config["provenance_by_worker"] = [part.config.get("provenance", {}) for part in parts]
+    return TransferReport(config=config, base=first.base, finetunes=finetunes, features=features)
 
 
 def order_like(report: TransferReport, names: tuple[str, ...]) -> TransferReport:

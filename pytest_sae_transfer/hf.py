@@ -32,6 +32,7 @@ that says what is missing and how to provide it locally.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -40,7 +41,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .loading import LoadError, _chain, _is_network_error, hub_offline, nearest, offline_message, torch_dtype
 
@@ -210,6 +211,29 @@ def _local_only() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _no_network(active: bool) -> Iterator[None]:
+    """While active, huggingface_hub (and transformers through it) serves files from the cache only.
+
+    Used once the hub did not answer: without it, every optional file transformers
+    probes for would be retried over a dead connection.
+    """
+    if not active:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except Exception:  # noqa: BLE001
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def _dtype_kwarg() -> str:
     """transformers renamed ``torch_dtype`` to ``dtype`` in 4.56."""
     import transformers
@@ -219,11 +243,6 @@ def _dtype_kwarg() -> str:
     except ValueError:
         return "dtype"
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-def _quiet_tl() -> Iterator[None]:
-    """Nothing for now; TransformerLens prints one line per load, which pytest captures."""
-    yield
 
 
 def processing_flags(model_kwargs: dict[str, Any] | None) -> tuple[dict[str, bool], dict[str, Any], list[str]]:
@@ -288,30 +307,51 @@ def _check_repo_id(name: str, what: str) -> None:
 def resolve_hub_revision(repo_id: str, what: str = "model", display: str | None = None, how: str = _HOW_MODEL) -> str:
     """The commit ``repo_id``'s default branch points to, from the hub or (offline) the local cache.
 
-    Fails fast, without the retries a file download would make, with one LoadError
-    when the repository is neither reachable nor cached.
+    Fails fast, without the retries a file download makes, with one LoadError when
+    the repository is neither reachable nor cached.
     """
-    local_only = _local_only()
+    return _resolve(repo_id, what, display or repo_id, how)[0]
+
+
+def _resolve(repo_id: str, what: str, display: str, how: str = _HOW_MODEL) -> tuple[str, bool]:
+    """(commit, local_only): the hub's answer when it can be reached, else the cache's refs/main.
+
+    ``local_only`` is True when the rest of the load must not touch the network
+    (offline mode, or the hub did not answer): every later file then comes from the
+    cache, with no per-file retries.
+    """
+    if not _local_only():
+        try:
+            from huggingface_hub import HfApi
+
+            sha = HfApi().model_info(repo_id).sha
+            if sha:
+                return str(sha), False
+        except Exception as exc:  # noqa: BLE001
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if (isinstance(status, int) and status < 500) or "ProxyError" in _names(exc):
+                raise _hub_error(exc, what, display, how) from None
+            # unreachable or down: fall back on the cache, like huggingface_hub's resolve_revision
+    commit = _cached_commit(repo_id)
+    if commit is None:
+        raise LoadError(offline_message(what, display, how))
+    return commit, True
+
+
+def _cached_commit(repo_id: str, revision: str = "main") -> str | None:
+    """The commit the local HF cache records for ``repo_id``'s ``revision`` (no network)."""
     try:
-        from huggingface_hub import HfApi
+        from huggingface_hub import constants
 
-        api = HfApi()
-        if hasattr(api, "resolve_revision"):
-            rev = api.resolve_revision(repo_id, local_files_only=local_only)
-            return str(getattr(rev, "resolved", None) or rev)
-        # Older huggingface_hub: the cache's refs/main, else the hub's model_info.
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(repo_id, "config.json")
-        if isinstance(cached, str):
-            return Path(cached).parent.name
-        if local_only:
-            raise FileNotFoundError(f"{repo_id} is not in the local cache (offline)")
-        return str(api.model_info(repo_id).sha)
-    except LoadError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise _hub_error(exc, what, display or repo_id, how) from None
+        cache = Path(constants.HF_HUB_CACHE)
+    except Exception:  # noqa: BLE001
+        return None
+    ref = cache / ("models--" + repo_id.replace("/", "--")) / "refs" / revision
+    try:
+        commit = ref.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return commit or None
 
 
 def _snapshot_dir(repo_id: str, commit: str) -> Path | None:
@@ -351,10 +391,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, *, revisi
         return zoo.load_tokenizer()
     repo = _tl_official_name(name_or_path) or name_or_path
     _check_repo_id(repo, "tokenizer")
+    if revision is None:
+        revision, local_only = _resolve(repo, "tokenizer", name_or_path, _HOW_TOKENIZER)
+    else:
+        local_only = _local_only()
     try:
-        return AutoTokenizer.from_pretrained(
-            repo, local_files_only=_local_only(), trust_remote_code=trust_remote_code, revision=revision
-        )
+        with _no_network(local_only):
+            return AutoTokenizer.from_pretrained(
+                repo, local_files_only=local_only, trust_remote_code=trust_remote_code, revision=revision
+            )
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(exc, "tokenizer", name_or_path, _HOW_TOKENIZER) from None
 
@@ -368,14 +413,38 @@ def _is_zoo_model(name: str) -> bool:
         return False
 
 
-def _maybe_tokenizer(src: str, trust_remote_code: bool, local_only: bool, revision: str | None = None) -> Any:
-    """The checkpoint's own tokenizer, or None when it ships none."""
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tekken.json",
+)
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in _TOKENIZER_FILES) or any(directory.glob("*.tiktoken"))
+
+
+def _maybe_tokenizer(src: str, trust_remote_code: bool, local_only: bool, revision: str | None = None, files: Path | None = None) -> Any:
+    """The checkpoint's own tokenizer, or None when it ships none.
+
+    ``files`` is the directory the checkpoint's files are in (the snapshot, for a hub
+    id): transformers 5 builds an *empty* tokenizer of the config's class from a
+    directory with no tokenizer files, which must not pass for the checkpoint's own.
+    """
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(src, local_files_only=local_only, trust_remote_code=trust_remote_code, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local_only, trust_remote_code=trust_remote_code, revision=revision)
     except Exception:  # noqa: BLE001
         return None
+    if files is not None and not _has_tokenizer_files(files):
+        return None
+    return tokenizer
 
 
 def check_tokenizers(base_tokenizer: Any, ft_tokenizer: Any, sample_texts: Sequence[str], allow_mismatch: bool = False) -> list[str]:
@@ -460,6 +529,16 @@ def _neutral_config_dir(path: Path) -> Path:
     for item in path.iterdir():
         if item.is_file() and (item.name == "config.json" or item.suffix == ".py"):
             shutil.copy2(item, target / item.name)
+    # TransformerLens reads GPT-2's context length from n_ctx, which the hub's gpt2 configs
+    # carry as an extra key but transformers no longer writes; it equals n_positions.
+    config_path = target / "config.json"
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return target
+    if isinstance(raw, dict) and raw.get("model_type") == "gpt2" and "n_ctx" not in raw and "n_positions" in raw:
+        raw["n_ctx"] = raw["n_positions"]
+        config_path.write_text(json.dumps(raw), encoding="utf-8")
     return target
 
 
@@ -723,28 +802,34 @@ def _assemble(cfg: Any, state_dict: dict[str, Any], flags: dict[str, bool], toke
     return model
 
 
-def _build_base_from_dir(path: Path, display: str, device: str, dtype: str, model_kwargs: dict[str, Any], trust_remote_code: bool) -> tuple[Any, list[str]]:
+def _build_base(
+    hf_config: Any,
+    cfg_dir: Path,
+    load_weights: Callable[[], Any],
+    tokenizer: Any,
+    display: str,
+    device: str,
+    dtype: str,
+    model_kwargs: dict[str, Any],
+    trust_remote_code: bool,
+) -> tuple[Any, list[str]]:
+    """A base model from an HF checkpoint whose config.json is in ``cfg_dir``."""
     flags, extra, notes = processing_flags(model_kwargs)
-    try:
-        hf_config = _auto_config(str(path), local_only=True, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001
-        raise LoadError(f"could not read the model config in {str(path)!r}: {type(exc).__name__}: {_short(exc)}") from None
-    tokenizer = _maybe_tokenizer(str(path), trust_remote_code, local_only=True)
     if tokenizer is None:
         raise LoadError(
-            f"base model directory {str(path)!r} has no tokenizer; save it next to the weights with tokenizer.save_pretrained(DIR)"
+            f"base model {display!r} has no tokenizer; save it next to the weights with tokenizer.save_pretrained(DIR)"
         )
-    cfg_dict = _tl_cfg_dict(path, hf_config, trust_remote_code)
-    hf_model = _load_hf_model(str(path), display, dtype, local_only=True, trust_remote_code=trust_remote_code)
+    cfg_dict = _tl_cfg_dict(cfg_dir, hf_config, trust_remote_code)
+    hf_model = load_weights()
     rows_in, rows_out = _vocab_rows(hf_model)
     cfg_dict["d_vocab"] = rows_in
     if rows_out != rows_in:
         cfg_dict["d_vocab_out"] = rows_out
-    cfg = _finish_cfg(cfg_dict, model_name=display, flags=flags, device=device, dtype=torch_dtype(dtype), extra=extra)
-    cfg.tokenizer_name = str(path)
+    cfg = _finish_cfg(cfg_dict, model_name=display.rstrip("/").split("/")[-1], flags=flags, device=device, dtype=torch_dtype(dtype), extra=extra)
+    cfg.tokenizer_name = display
     flags = _effective_flags(flags, cfg)
     try:
-        state_dict = _state_dict(path, cfg, hf_model, dtype)
+        state_dict = _state_dict(cfg_dir, cfg, hf_model, dtype)
         del hf_model
         model = _assemble(cfg, state_dict, flags, tokenizer, reuse_tokenizer=False)
     except LoadError:
@@ -753,7 +838,7 @@ def _build_base_from_dir(path: Path, display: str, device: str, dtype: str, mode
         raise LoadError(f"could not convert {display!r} to a TransformerLens model: {type(exc).__name__}: {_short(exc)}") from None
     finally:
         gc.collect()
-    notes.append(f"{display}: loaded from a local checkpoint with {_describe_flags(flags)}")
+    notes.append(f"{display}: converted from its Hugging Face checkpoint with {_describe_flags(flags)}")
     return model, notes
 
 
@@ -848,18 +933,19 @@ def load_local(
     display = str(path)
     if not (path / "config.json").is_file():
         raise LoadError(f"model path {display!r} has no config.json; give a directory written by transformers' save_pretrained")
-    if base is None:
-        model, notes = _build_base_from_dir(path, display, device, dtype, model_kwargs, trust_remote_code)
-        setattr(model, SOURCE_ATTR, {"kind": "local", "path": display})
-        return model, notes
     try:
         hf_config = _auto_config(str(path), local_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise LoadError(f"could not read the model config in {str(path / 'config.json')!r}: {type(exc).__name__}: {_short(exc)}") from None
-    own_tokenizer = _maybe_tokenizer(str(path), trust_remote_code, local_only=True)
+    own_tokenizer = _maybe_tokenizer(str(path), trust_remote_code, local_only=True, files=path)
+    load_weights = lambda: _load_hf_model(str(path), display, dtype, local_only=True, trust_remote_code=trust_remote_code)  # noqa: E731
+    if base is None:
+        model, notes = _build_base(hf_config, path, load_weights, own_tokenizer, display, device, dtype, model_kwargs, trust_remote_code)
+        setattr(model, SOURCE_ATTR, {"kind": "local", "path": display})
+        return model, notes
     model, notes = _build_finetune(
         hf_config,
-        lambda: _load_hf_model(str(path), display, dtype, local_only=True, trust_remote_code=trust_remote_code),
+        load_weights,
         path,
         display,
         base,
@@ -884,46 +970,48 @@ def load_hub(
     The identity is ``hub:<repo>@<commit>``: the commit the default branch resolved to,
     from the hub or, offline, from the local cache.
     """
-    local_only = _local_only()
     official = _tl_official_name(name) if base is None else None
     if official is not None:
         return _load_official_base(name, official, device, dtype, model_kwargs, trust_remote_code)
     _check_repo_id(name, "model")
     what = "model" if base is None else "finetune"
-    commit = resolve_hub_revision(name, what, name)
-    identity = f"hub:{name}@{commit}"
+    commit, local_only = _resolve(name, what, name)
+    with _no_network(local_only):
+        model, notes = _load_hub_checkpoint(name, what, commit, local_only, device, dtype, base, model_kwargs, trust_remote_code)
+    setattr(model, SOURCE_ATTR, {"kind": "hub", "repo": name, "commit": commit})
+    return model, notes, f"hub:{name}@{commit}"
+
+
+def _load_hub_checkpoint(
+    name: str,
+    what: str,
+    commit: str,
+    local_only: bool,
+    device: str,
+    dtype: str,
+    base: "LoadedModel | None",
+    model_kwargs: dict[str, Any],
+    trust_remote_code: bool,
+) -> tuple[Any, list[str]]:
     try:
         hf_config = _auto_config(name, local_only=local_only, trust_remote_code=trust_remote_code, revision=commit)
     except Exception as exc:  # noqa: BLE001
         if "trust_remote_code" in str(exc) and not trust_remote_code:
             raise LoadError(f"{what} {name!r} needs code from its repository to load; pass --sae-trust-remote-code if you trust it") from None
         raise _hub_error(exc, what, name) from None
+    own_tokenizer = _maybe_tokenizer(name, trust_remote_code, local_only, revision=commit)
     snapshot = _snapshot_dir(name, commit)
+    if snapshot is not None and not _has_tokenizer_files(snapshot):
+        own_tokenizer = None
+    load_weights = lambda: _load_hf_model(name, name, dtype, local_only=local_only, trust_remote_code=trust_remote_code, revision=commit)  # noqa: E731
     if base is None:
         if snapshot is None:
             raise LoadError(offline_message(what, name, _HOW_MODEL))
-        # Download the weights and tokenizer into the cache, then build from the snapshot directory.
-        _load_hf_model(name, name, "float32" if dtype == "float32" else dtype, local_only=local_only, trust_remote_code=trust_remote_code, revision=commit)
-        tok = _maybe_tokenizer(name, trust_remote_code, local_only, revision=commit)
-        del tok
-        gc.collect()
-        model, notes = _build_base_from_dir(snapshot, name, device, dtype, model_kwargs, trust_remote_code)
-        model.cfg.tokenizer_name = name
+        model, notes = _build_base(hf_config, snapshot, load_weights, own_tokenizer, name, device, dtype, model_kwargs, trust_remote_code)
     else:
-        own_tokenizer = _maybe_tokenizer(name, trust_remote_code, local_only, revision=commit)
         anchor = snapshot if snapshot is not None else Path(tempfile.gettempdir())
-        model, notes = _build_finetune(
-            hf_config,
-            lambda: _load_hf_model(name, name, dtype, local_only=local_only, trust_remote_code=trust_remote_code, revision=commit),
-            anchor,
-            name,
-            base,
-            device,
-            dtype,
-            own_tokenizer,
-        )
-    setattr(model, SOURCE_ATTR, {"kind": "hub", "repo": name, "commit": commit})
-    return model, notes, identity
+        model, notes = _build_finetune(hf_config, load_weights, anchor, name, base, device, dtype, own_tokenizer)
+    return model, notes
 
 
 def _load_official_base(
@@ -940,21 +1028,23 @@ def _load_official_base(
     if official in getattr(tl_loading, "NON_HF_HOSTED_MODEL_NAMES", ()):
         raise LoadError(f"model {name!r} is not hosted on the Hugging Face hub; convert it to a local checkpoint directory and pass that")
     flags, extra, notes = processing_flags(model_kwargs)
+    display = name if name == official else f"{name} ({official})"
     needs_hub = not official.startswith(("NeelNanda", "ArthurConmy", "Baidicoot"))
-    commit = resolve_hub_revision(official, "model", name) if needs_hub else "unversioned"
+    commit, local_only = _resolve(official, "model", display) if needs_hub else ("unversioned", _local_only())
     kwargs = dict(extra)
     if needs_hub:
         kwargs.setdefault("revision", commit)
-    if _local_only():
+    if local_only:
         kwargs.setdefault("local_files_only", True)
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     try:
-        model = HookedTransformer.from_pretrained_no_processing(
-            name, device=device, dtype=torch_dtype(dtype), **flags, **kwargs
-        )
+        with _no_network(local_only):
+            model = HookedTransformer.from_pretrained_no_processing(
+                name, device=device, dtype=torch_dtype(dtype), **flags, **kwargs
+            )
     except Exception as exc:  # noqa: BLE001
-        raise _hub_error(exc, "model", name) from None
+        raise _hub_error(exc, "model", display) from None
     model.eval()
     setattr(model, PROCESSING_ATTR, _effective_flags(flags, model.cfg))
     setattr(model, SOURCE_ATTR, {"kind": "hub", "repo": official, "commit": commit, "transformer_lens_name": name})

@@ -8,12 +8,14 @@ turns it into a pytest usage error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -27,6 +29,36 @@ MAX_SAE_PARAMS = 1 << 34
 
 class LoadError(Exception):
     """A model, SAE or dataset could not be loaded; the message says how to fix it."""
+
+
+@contextlib.contextmanager
+def quiet_third_party_warnings() -> Iterator[None]:
+    """Silence the deprecation chatter sae_lens/transformer_lens/transformers emit on import and
+    load; it is about their internals, not the user's code, and would fill every run's summary."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+            warnings.simplefilter("ignore", category)
+        yield
+
+
+def _zoo_has(check: Any, name: str) -> bool:
+    """A zoo lookup that treats a missing zoo (e.g. a partial source checkout) as "not a zoo name"."""
+    try:
+        return bool(check(name))
+    except FileNotFoundError:
+        return False
+
+
+def is_zoo_model(name: str) -> bool:
+    return _zoo_has(zoo.is_zoo_model, name)
+
+
+def is_zoo_release(name: str) -> bool:
+    return _zoo_has(zoo.is_zoo_release, name)
+
+
+def is_zoo_dataset(name: str) -> bool:
+    return _zoo_has(zoo.is_zoo_dataset, name)
 
 
 def nearest(name: str, choices: Iterable[str], n: int = 3) -> str:
@@ -213,7 +245,7 @@ def load_sae(
         return LoadedSAE(sae, "path", None, None, str(p), file_identity(list(p.glob("*.json")) + list(p.glob("*.safetensors"))))
     if not release:
         raise LoadError("no SAE given: pass --sae-release (with --sae-id) or --sae-path")
-    if zoo.is_zoo_release(release):
+    if is_zoo_release(release):
         ids = zoo.sae_ids(release)
         if sae_id is not None and sae_id not in ids:
             raise LoadError(f"unknown SAE id {sae_id!r} in release {release!r}{nearest(sae_id, ids)}; valid ids: {', '.join(ids)}")
@@ -222,7 +254,7 @@ def load_sae(
         return LoadedSAE(sae, "zoo", release, sae_id or directory.name, str(directory), file_identity(directory.iterdir()))
     releases = registry_releases()
     if release not in releases:
-        known = list(releases) + zoo.release_names()
+        known = list(releases) + (zoo.release_names() if is_zoo_release('toy-res') else [])
         raise LoadError(f"unknown SAE release {release!r}{nearest(release, known)}; see sae_lens's pretrained_saes.yaml for the registry, or use --sae-path for a local SAE")
     ids = registry_sae_ids(release)
     if sae_id is None:
@@ -291,7 +323,7 @@ def load_model(
     ``base`` is None when loading the base model; for a finetune it is the loaded
     base, whose architecture the finetune is converted into.
     """
-    if zoo.is_zoo_model(name):
+    if is_zoo_model(name):
         model = zoo.load_model(name, device=device, dtype=dtype)
         return LoadedModel(name, model, file_identity(zoo.model_files(name)), "zoo")
     from . import hf
@@ -353,7 +385,7 @@ def _text_rows_from_file(path: Path) -> Iterator[dict[str, Any]]:
 
 def iter_dataset_rows(dataset: str, split: str = "train", trust_remote_code: bool = False) -> Iterator[dict[str, Any]]:
     """Rows, in order, from a zoo name, a local file or directory, or a hub dataset (streamed)."""
-    if zoo.is_zoo_dataset(dataset):
+    if is_zoo_dataset(dataset):
         yield from _text_rows_from_file(zoo.dataset_path(dataset))
         return
     path = Path(dataset).expanduser()
@@ -520,7 +552,7 @@ def model_identity(name: str) -> str:
     Zoo models and local checkpoints: a hash of their files. Hub models: the id
     plus the commit of the locally cached snapshot when there is one.
     """
-    if zoo.is_zoo_model(name):
+    if is_zoo_model(name):
         return "zoo:" + file_identity(zoo.model_files(name))
     path = Path(name).expanduser()
     if path.is_dir():

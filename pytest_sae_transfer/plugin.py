@@ -159,8 +159,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     try:
         state.written = write_outputs(state.final_report, state.run_config)
     except OSError as exc:
-        state.written = [f"could not write the report: {exc}; the previous report, if any, is intact"]
-        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR if exitstatus == 0 else exitstatus
+        # Writes are atomic: whatever report was there before is still there, whole.
+        state.write_error = f"could not write the sae-transfer report: {exc}. Any earlier report at that path is intact."
+        if exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.USAGE_ERROR
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -173,6 +175,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.write_line(terminal_summary(state.final_report, width=terminalreporter._tw.fullwidth))
     for path in state.written:
         terminalreporter.write_line(f"sae-transfer wrote {path}")
+    if state.write_error:
+        terminalreporter.write_line(f"ERROR: {state.write_error}", red=True, bold=True)
 
 
 # -- fixtures -------------------------------------------------------------------

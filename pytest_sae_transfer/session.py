@@ -17,7 +17,7 @@ from typing import Any, Callable, ContextManager, Iterable
 from . import __version__
 from .cache import ResultCache, cache_key
 from .config import RunConfig
-from .loading import LoadedModel, LoadedSAE, LoadError, TokenSet, load_model, load_sae, load_tokens, model_identity, resolve_device, resolve_dtype
+from .loading import is_zoo_model, quiet_third_party_warnings, LoadedModel, LoadedSAE, LoadError, TokenSet, load_model, load_sae, load_tokens, model_identity, resolve_device, resolve_dtype
 from .report import FeatureArrays, FinetuneResult, ModelResult, TransferReport
 
 
@@ -67,6 +67,7 @@ class TransferSession:
         self._pairs: dict[str, tuple[FinetuneResult, dict[str, Any], dict[str, Any]]] = {}
         self._profile: Any = None
         self._transient_notes: dict[str, list[str]] = {}
+        self.provenance: dict[str, str] = {}  # "base" / finetune name -> "cache" | "computed"
         self.notes: list[str] = []
 
     # -- resolution ---------------------------------------------------------
@@ -90,7 +91,8 @@ class TransferSession:
     def sae(self) -> LoadedSAE:
         if self._sae is None:
             c = self.config
-            self._sae = load_sae(c.sae_release, c.sae_id, c.sae_path, device=self.device)
+            with quiet_third_party_warnings():
+                self._sae = load_sae(c.sae_release, c.sae_id, c.sae_path, device=self.device)
         return self._sae
 
     @property
@@ -125,7 +127,7 @@ class TransferSession:
         if self._tokenizer is None:
             from . import zoo
 
-            if zoo.is_zoo_model(self.base_name):
+            if is_zoo_model(self.base_name):
                 self._tokenizer = zoo.load_tokenizer()
             else:
                 from . import hf
@@ -158,8 +160,9 @@ class TransferSession:
     def model(self, name: str) -> LoadedModel:
         if name not in self._models:
             base = None if name == self.base_name else self.model(self.base_name)
-            loaded = load_model(name, self.device, self.dtype, base=base, model_kwargs=self.sae.model_kwargs,
-                                trust_remote_code=self.config.trust_remote_code)
+            with quiet_third_party_warnings():
+                loaded = load_model(name, self.device, self.dtype, base=base, model_kwargs=self.sae.model_kwargs,
+                                    trust_remote_code=self.config.trust_remote_code)
             if base is not None:
                 self._check_finetune_tokenizer(name)
             self._models[name] = loaded
@@ -168,11 +171,11 @@ class TransferSession:
     def _check_finetune_tokenizer(self, name: str) -> None:
         from . import zoo
 
-        if zoo.is_zoo_model(name) and zoo.is_zoo_model(self.base_name):
+        if is_zoo_model(name) and is_zoo_model(self.base_name):
             return  # the zoo's models share one tokenizer
         from . import hf
 
-        ft_tok = zoo.load_tokenizer() if zoo.is_zoo_model(name) else hf.load_tokenizer(name, trust_remote_code=self.config.trust_remote_code)
+        ft_tok = zoo.load_tokenizer() if is_zoo_model(name) else hf.load_tokenizer(name, trust_remote_code=self.config.trust_remote_code)
         tokens = self.token_set.tokens
         samples = [self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens[: min(8, len(tokens))].tolist()]
         self.notes.extend(hf.check_tokenizers(self.tokenizer, ft_tok, samples, allow_mismatch=self.config.allow_tokenizer_mismatch))
@@ -246,6 +249,7 @@ class TransferSession:
             outlier_norm=payload.get("outlier_norm"),
         )
         self._base_result = result
+        self.provenance.setdefault("base", "cache")
         return True
 
     def _load_pair_from_cache(self, cache: ResultCache, finetune: str) -> bool:
@@ -257,6 +261,7 @@ class TransferSession:
         result.model = finetune
         vectors = {k[5:]: v for k, v in arrays.items() if k.startswith("vec::")}
         self._pairs[finetune] = (result, vectors, _unflatten_hists(arrays))
+        self.provenance.setdefault(finetune, "cache")
         return True
 
     def _store_base(self, cache: ResultCache) -> None:
@@ -329,6 +334,10 @@ class TransferSession:
         return load
 
     def _compute(self, finetunes: list[str], cache: ResultCache) -> None:
+        with quiet_third_party_warnings():
+            self._compute_quietly(finetunes, cache)
+
+    def _compute_quietly(self, finetunes: list[str], cache: ResultCache) -> None:
         from .engine import EngineError, run_transfer
 
         base = self.model(self.base_name)
@@ -349,6 +358,7 @@ class TransferSession:
         if self._base_state is None:
             self._base_state = out.base_state
             self._base_result = out.base_state.result
+            self.provenance["base"] = "computed"
             self._store_base(cache)
         self._run_config = out.report.config
         features = out.report.features or FeatureArrays()
@@ -356,8 +366,10 @@ class TransferSession:
             name = ft_result.model
             loaded = self._models.get(name)
             ft_result.notes.extend(loaded.notes if loaded is not None else self._transient_notes.get(name, []))
-            hists = {k.split("/", 1)[1]: v for k, v in features.histograms.items() if k.startswith(name + "/")}
+            prefix = name + "/"  # names may contain "/" themselves (HF ids, paths)
+            hists = {k[len(prefix):]: v for k, v in features.histograms.items() if k.startswith(prefix)}
             self._pairs[name] = (ft_result, features.vectors.get(name, {}), hists)
+            self.provenance[name] = "computed"
             self._store_pair(cache, name)
 
     # -- results ------------------------------------------------------------
@@ -417,6 +429,8 @@ class TransferSession:
             "thresholds_profile": self.profile.name,
             "thresholds_path": self.profile.path,
             "notes": list(self.notes),
+            "provenance": dict(self.provenance),
+            "sequential": self.config.sequential,
             "versions": versions,
         }
 

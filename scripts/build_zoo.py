@@ -106,13 +106,13 @@ EVAL_CODE_MAX_TOKENS = 120_000
 CODE_CHUNK_CHARS = 6000
 
 # Training schedules (steps are sized for ~2 CPU cores; see --probe).
-BATCH = 32
+BATCH = 16  # contexts of 128 tokens per optimizer step
 SCHEDULES: dict[str, dict[str, Any]] = {
-    "toy-base": dict(steps=550, lr=2e-3, warmup=60, min_lr_frac=0.1, wd=0.05),
-    "toy-prose": dict(steps=40, lr=1e-4, warmup=5, min_lr_frac=1.0, wd=0.0),
-    "toy-code": dict(steps=300, lr=3e-3, warmup=20, min_lr_frac=0.3, wd=0.0),
+    "toy-base": dict(steps=700, lr=2e-3, warmup=50, min_lr_frac=0.1, wd=0.05),
+    "toy-prose": dict(steps=30, lr=1e-4, warmup=5, min_lr_frac=1.0, wd=0.0),
+    "toy-code": dict(steps=400, lr=3e-3, warmup=20, min_lr_frac=0.3, wd=0.0),
 }
-SAE_TRAIN_TOKENS = 2_000_000
+SAE_TRAIN_TOKENS = 1_500_000
 SAE_L1 = 5.0
 SAE_LR = 1e-3
 SAE_TOPK_K = 16
@@ -536,7 +536,7 @@ def train_lm(model, rows, sched: dict[str, Any], name: str, eval_sets: dict[str,
     model.eval()
     round_fp16(model)
     res = {k: loss_per_token(model, v, special_ids) for k, v in eval_sets.items()}
-    log(f"{name} done in {time.time() - t0:.0f}s; held-out loss {res}")
+    log(f"{name} done in {time.time() - t0:.0f}s; held-out loss (fp16-rounded) {res}")
     return res
 
 
@@ -617,10 +617,12 @@ def train_sae(model, train_rows, arch: str, out_dir: Path, work: Path, special_i
     if arch == "standard":
         sae_cfg = StandardTrainingSAEConfig(
             d_in=MODEL_CFG["d_model"], d_sae=D_SAE, l1_coefficient=SAE_L1, l1_warm_up_steps=100,
-            apply_b_dec_to_input=True, normalize_activations="none",
+            apply_b_dec_to_input=True, normalize_activations="expected_average_only_in",
         )
     else:
-        sae_cfg = TopKTrainingSAEConfig(d_in=MODEL_CFG["d_model"], d_sae=D_SAE, k=SAE_TOPK_K)
+        sae_cfg = TopKTrainingSAEConfig(
+            d_in=MODEL_CFG["d_model"], d_sae=D_SAE, k=SAE_TOPK_K, normalize_activations="expected_average_only_in"
+        )
 
     ds = datasets.Dataset.from_dict({"tokens": train_rows.tolist()})
     tmp = Path(tempfile.mkdtemp(prefix=f"sae-{arch}-", dir=work))
@@ -652,6 +654,9 @@ def train_sae(model, train_rows, arch: str, out_dir: Path, work: Path, special_i
         n_checkpoints=0,
         verbose=False,
         n_eval_batches=2,
+        # the norm scaling factor is estimated on these batches and folded into
+        # the saved weights (the stored SAE takes raw activations)
+        n_batches_for_norm_estimate=16,
     )
     torch.manual_seed(SEED)
     t0 = time.time()
@@ -788,8 +793,8 @@ def main() -> None:
         log(f"tokens {k}: {tuple(tk[k].shape)} = {tk[k].numel():,} tokens")
 
     # eval subsets used for the summary numbers (fixed, first rows in file order)
-    ev_prose = tk["prose_eval"][:400]
-    ev_code = tk["code_eval"][:400]
+    ev_prose = tk["prose_eval"][:200]
+    ev_code = tk["code_eval"][:200]
     eval_sets = {"prose": ev_prose, "code": ev_code}
 
     if args.probe:
@@ -818,8 +823,11 @@ def main() -> None:
         m.eval()
         return m
 
+    trained_now: set[str] = set()
+
     # ---- toy-base
     if "base" in stages or not ckpt("toy-base").exists():
+        trained_now.add("toy-base")
         model = make_model(tokenizer)
         summary.setdefault("loss", {})["toy-base"] = train_lm(
             model, tk["prose_train"], SCHEDULES["toy-base"], "toy-base", eval_sets, special_ids, SEED
@@ -829,6 +837,7 @@ def main() -> None:
 
     # ---- toy-prose
     if "prose" in stages or not ckpt("toy-prose").exists():
+        trained_now.add("toy-prose")
         model = load_ckpt("toy-base")
         summary.setdefault("loss", {})["toy-prose"] = train_lm(
             model, tk["prose_ft"], SCHEDULES["toy-prose"], "toy-prose", eval_sets, special_ids, SEED + 1
@@ -837,6 +846,7 @@ def main() -> None:
 
     # ---- toy-code
     if "code" in stages or not ckpt("toy-code").exists():
+        trained_now.add("toy-code")
         model = load_ckpt("toy-base")
         summary.setdefault("loss", {})["toy-code"] = train_lm(
             model, tk["code_train"], SCHEDULES["toy-code"], "toy-code", eval_sets, special_ids, SEED + 2
@@ -846,9 +856,10 @@ def main() -> None:
     # (re)measure losses on the stored weights
     finetunes = {n: load_ckpt(n) for n in ("toy-prose", "toy-code")}
     allm = {"toy-base": base, **finetunes}
-    summary["loss"] = {
-        n: {k: round(loss_per_token(m, v, special_ids), 4) for k, v in eval_sets.items()} for n, m in allm.items()
-    }
+    for n, m in allm.items():
+        if n not in trained_now:  # models trained in this run were measured right after training
+            summary.setdefault("loss", {})[n] = {k: loss_per_token(m, v, special_ids) for k, v in eval_sets.items()}
+        summary["loss"][n] = {k: round(v, 4) for k, v in summary["loss"][n].items()}
     log(f"held-out losses {summary['loss']}")
 
     # ---- SAEs

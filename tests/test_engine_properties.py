@@ -176,13 +176,32 @@ def test_identical_finetune_is_indistinguishable(seed, architecture):
 # --------------------------------------------------------------------------
 
 
+EXECUTION_MODES = {
+    "fused": {},
+    "unfused": {"fuse_continuations": False},
+    "sequential": {"sequential": True},  # base first, spilled to disk, then the finetune
+    "small_logit_chunks": {"logits_chunk_elems": 1000},
+}
+
+
 @FEW
-@given(seed=st.integers(0, 3), batch_sizes=st.lists(st.integers(1, 9), min_size=2, max_size=2, unique=True))
-def test_batch_size_does_not_change_results(seed, batch_sizes):
+@given(
+    seed=st.integers(0, 3),
+    batch_sizes=st.lists(st.integers(1, 9), min_size=2, max_size=2, unique=True),
+    mode=st.sampled_from(sorted(EXECUTION_MODES)),
+)
+def test_batch_size_does_not_change_results(seed, batch_sizes, mode, tmp_path_factory):
+    """Batch size, and how the work is scheduled, change nothing (CIs included)."""
     base, ft = pair(seed)
     sae = make_sae(seed)
     toks = tokens(seed, n_ctx=9)
-    reports = [evaluate_transfer(base, {"ft": ft}, sae, toks, opts(batch_size=bs)) for bs in batch_sizes]
+    extra = dict(EXECUTION_MODES[mode])
+    if extra.get("sequential"):
+        extra["spill_dir"] = str(tmp_path_factory.mktemp("spill"))
+    reports = [
+        evaluate_transfer(base, {"ft": ft}, sae, toks, opts(batch_size=batch_sizes[0])),
+        evaluate_transfer(base, {"ft": ft}, sae, toks, opts(batch_size=batch_sizes[1], **extra)),
+    ]
     a, b = (metrics_part(r) for r in reports)
     assert a["base"]["ci95"] and a["finetunes"][0]["paired_ci95"]
     # point values, per-position lists and the bootstrap intervals alike
@@ -247,7 +266,9 @@ def scaled_at_hook(model: Any, c: float, layer: int) -> Any:
     """A copy whose residual stream up to blocks.<layer>.hook_resid_post is exactly c x the original's.
 
     Embeddings and every block's output weights before the hook are scaled by c; each
-    block's input goes through a LayerNorm, which is scale-invariant (up to its eps)."""
+    block's input goes through a LayerNorm, which is scale-invariant but for its eps:
+    LN(c x; c^2 eps) = LN(x; eps), so those LayerNorms get eps x c^2 (the blocks after
+    the hook are left alone)."""
     out = copy.deepcopy(model)
     with torch.no_grad():
         out.embed.W_E.mul_(c)
@@ -255,6 +276,8 @@ def scaled_at_hook(model: Any, c: float, layer: int) -> Any:
         for block in out.blocks[: layer + 1]:
             for p in (block.attn.W_O, block.attn.b_O, block.mlp.W_out, block.mlp.b_out):
                 p.mul_(c)
+            for ln in (block.ln1, block.ln2):
+                ln.eps = ln.eps * c * c
     return out.eval()
 
 
@@ -429,7 +452,7 @@ def test_nonfinite_activations_counted_never_dropped(seed, n_bad):
     mask = ~torch.isin(toks, torch.tensor(SPECIAL))
     x_ft = hook_acts(ft, toks)
     nonfinite = ~torch.isfinite(x_ft).all(-1)
-    expected = float((nonfinite & mask).sum() / mask.sum())
+    expected = int((nonfinite & mask).sum()) / int(mask.sum())
     assert expected > 0
 
     report = evaluate_transfer(base, {"bad": ft}, sae, toks, opts())
@@ -453,7 +476,8 @@ def test_nonfinite_fraction_counts_activations_not_downstream_losses():
     seed = 0
     base, _ = pair(seed)
     toks = tokens(seed)
-    bad = [int(toks[0, 3]), int(toks[1, 5])]
+    present = sorted(set(toks[:2, 1:].flatten().tolist()) - set(SPECIAL))
+    bad = present[:2]
     ft = poisoned(base, bad)
     hook = "blocks.0.hook_resid_pre"
     sae = make_sae(seed, hook=hook)
@@ -464,7 +488,7 @@ def test_nonfinite_fraction_counts_activations_not_downstream_losses():
 
     report = evaluate_transfer(base, {"bad": ft}, sae, toks, opts())
     m = report.finetune("bad").metrics
-    expected = float((act_bad & mask).sum() / mask.sum())
+    expected = int((act_bad & mask).sum()) / int(mask.sum())
     assert m["nonfinite_fraction"] == pytest.approx(expected, abs=1e-12), (
         "tokens with finite activations were counted as non-finite (their downstream CE/KL was NaN)"
     )
@@ -475,3 +499,7 @@ def test_nonfinite_fraction_counts_activations_not_downstream_losses():
     with torch.no_grad():
         f = sae.encode(x_ft[ok].float())
     assert m["l0"] == pytest.approx(float((f != 0).sum(-1).double().mean()), rel=1e-9)
+    # positions whose loss is NaN downstream are left out of the loss means, and counted
+    contexts_hit = act_bad.any(1, keepdim=True).expand_as(mask)
+    assert m["n_nonfinite_loss"] == int((mask & ~act_bad & contexts_hit).sum()) > 0
+    assert 0 < expected < 0.5

@@ -20,7 +20,8 @@ from .stats import LOG_EPS
 # Columns of the per-context statistics table.
 N_EVAL, L0_SUM, CE_N, CE_CLEAN, CE_SPLICED, CE_ZERO, KL_N, KL_SUM = range(8)
 REC_N, SSE, SXX, S_ELEM, COS_SUM, N_INCLUDED, N_NONFINITE, N_OUTLIER = range(8, 16)
-N_COLUMNS = 16
+N_NONFINITE_LOSS = 16
+N_COLUMNS = 17
 
 #: Fixed bins for the streamed log10 feature-activation histogram.
 ACT_LOG10_EDGES = torch.linspace(-5.0, 4.0, 181, dtype=torch.float64)
@@ -47,15 +48,22 @@ class ModelBatch:
     kl: torch.Tensor | None = None
 
     def finite_mask(self) -> torch.Tensor:
-        """bool [B, T]: every value computed for the token is finite."""
+        """bool [B, T]: the token's activation, features and reconstruction are all finite
+        (SPEC ``nonfinite_fraction`` counts the included tokens where this is False)."""
         ok = torch.isfinite(self.x).all(-1) & torch.isfinite(self.x_hat).all(-1)
         ok &= torch.isfinite(self.feats).all(-1)
-        if self.kl is not None:
-            ok &= torch.isfinite(self.kl)
-        for ce in (self.ce_clean, self.ce_spliced, self.ce_zero):
-            if ce is not None:
-                ok[:, :-1] &= torch.isfinite(ce)
         return ok
+
+    def loss_finite_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ce_ok [B, T-1], kl_ok [B, T]): where the three CE values, and the KL, are finite.
+
+        A NaN activation at one position reaches the logits of every other position of
+        its context through attention (0 x NaN in pattern @ v), so a loss can be NaN
+        where the activation itself is finite: such positions leave only the loss means,
+        and are counted in ``n_nonfinite_loss``."""
+        assert self.ce_clean is not None and self.ce_spliced is not None and self.ce_zero is not None and self.kl is not None
+        ce_ok = torch.isfinite(self.ce_clean) & torch.isfinite(self.ce_spliced) & torch.isfinite(self.ce_zero)
+        return ce_ok, torch.isfinite(self.kl)
 
 
 class ModelAccumulator:
@@ -121,12 +129,17 @@ class ModelAccumulator:
         if self.with_losses:
             if batch.ce_clean is None or batch.kl is None:
                 raise ValueError("this accumulator needs CE and KL values")
-            ce_pos = evaluated[:, :-1]
+            ce_ok, kl_ok = batch.loss_finite_masks()
+            ce_pos = evaluated[:, :-1] & ce_ok
+            kl_pos = evaluated & kl_ok
+            loss_bad = evaluated & ~kl_ok
+            loss_bad[:, :-1] |= evaluated[:, :-1] & ~ce_ok
+            stats[:, N_NONFINITE_LOSS] = loss_bad.sum(1, dtype=f64)
             stats[:, CE_N] = ce_pos.sum(1, dtype=f64)
             for col, ce in ((CE_CLEAN, batch.ce_clean), (CE_SPLICED, batch.ce_spliced), (CE_ZERO, batch.ce_zero)):
                 stats[:, col] = torch.where(ce_pos, ce, 0.0).sum(1, dtype=f64)
-            stats[:, KL_N] = evaluated.sum(1, dtype=f64)
-            stats[:, KL_SUM] = torch.where(evaluated, batch.kl, 0.0).sum(1, dtype=f64)
+            stats[:, KL_N] = kl_pos.sum(1, dtype=f64)
+            stats[:, KL_SUM] = torch.where(kl_pos, batch.kl, 0.0).sum(1, dtype=f64)
 
         self._context_stats.append(stats.cpu())
         self._context_sum_x.append(sum_x.cpu())
@@ -163,6 +176,10 @@ class ModelAccumulator:
         out["dense_fraction"] = float((dens > 0.1).double().mean())
         out["n_nonfinite"] = int(stats[:, N_NONFINITE].sum())
         out["n_outliers"] = int(stats[:, N_OUTLIER].sum())
+        if self.with_losses:
+            # included tokens with a finite activation whose CE or KL was not finite:
+            # left out of the loss means only
+            out["n_nonfinite_loss"] = int(stats[:, N_NONFINITE_LOSS].sum())
         return out
 
     def histograms(self) -> dict[str, dict[str, Any]]:
