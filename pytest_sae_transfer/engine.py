@@ -87,7 +87,8 @@ def hook_layer(hook_name: str, n_layers: int) -> int:
     layer = int(match.group(1)) + (1 if match.group(2) == "post" else 0)
     if int(match.group(1)) >= n_layers:
         raise EngineError(
-            f"hook {hook_name!r} is beyond the model's depth: it has {n_layers} layers (blocks.0 .. blocks.{n_layers - 1})"
+            f"hook {hook_name!r} is beyond the model's depth: it has {n_layers} layers (blocks.0 .. blocks.{n_layers - 1}); "
+            "use an SAE trained on a hook of this model, or pass the base model the SAE was trained on (--base-model)"
         )
     return layer
 
@@ -197,7 +198,8 @@ def _validate(base: Any, finetunes: Sequence[tuple[str, Any]], sae: Any, tokens:
     layer = hook_layer(hook_name, base.cfg.n_layers)
     if sae.cfg.d_in != base.cfg.d_model:
         raise EngineError(
-            f"the SAE reads {sae.cfg.d_in}-dimensional activations but the base model's width at {hook_name} is {base.cfg.d_model}"
+            f"the SAE reads {sae.cfg.d_in}-dimensional activations but the base model's width at {hook_name} is {base.cfg.d_model}; "
+            "use an SAE trained on this model (its d_in must equal the model's d_model), or pass the base model the SAE was trained on (--base-model)"
         )
     if tokens.shape[1] > base.cfg.n_ctx:
         raise EngineError(f"context size {tokens.shape[1]} exceeds the base model's n_ctx {base.cfg.n_ctx}")
@@ -343,8 +345,14 @@ def run_transfer(
                     base_view = spill.read(cursor, toks_cpu.shape[0], base_runner.device)
                 fts = [(name, model_batch(runner, toks.to(runner.device), included.to(runner.device), True)) for name, runner in ft_runners]
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
-                if not _is_oom(exc) or batch_size == 1:
+                if not _is_oom(exc):
                     raise
+                if batch_size == 1:
+                    raise EngineError(
+                        f"out of memory even at batch size 1 (started at {options.batch_size}, halved {oom_splits} time(s)): "
+                        f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}. Free device memory, or try --sae-sequential, "
+                        "a smaller --sae-context-size, --sae-dtype bfloat16 or float16, or --sae-device cpu"
+                    ) from None
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 # Nothing of this batch was counted yet: retry it, and the rest, at half the size.
@@ -461,8 +469,25 @@ def run_transfer(
             "tokens_per_second": round(n_ctx * T * n_models / elapsed, 1) if elapsed > 0 else None,
         }
     )
+    for entry in (base_state.result, *finetune_results):
+        note = _nonfinite_loss_note(entry.metrics)
+        if note and note not in entry.notes:
+            entry.notes.append(note)
     report = TransferReport(config=run_config, base=base_state.result, finetunes=finetune_results, features=features)
     return EngineOutput(report=report, base_state=base_state, oom_splits=oom_splits)
+
+
+def _nonfinite_loss_note(metrics: Mapping[str, Any]) -> str | None:
+    """Positions whose CE/KL was NaN or Inf though their activation was finite are left out of the
+    loss means (SPEC's ``nonfinite_fraction`` counts activations only); say so, never silently."""
+    n = int(metrics.get("n_nonfinite_loss") or 0)
+    if n <= 0:
+        return None
+    total = int(metrics.get("n_tokens") or 0)
+    return (
+        f"{n} of {total} included tokens have a finite activation but a NaN/Inf loss (overflow after the hook, "
+        "or NaN spread by attention); they are left out of ce_loss_* and kl_div_spliced (n_nonfinite_loss)"
+    )
 
 
 @dataclasses.dataclass

@@ -76,6 +76,9 @@ OWN_TOKENIZER_ATTR = "_sae_transfer_tokenizer"
 #: Attribute on every model built here: where it came from (for the report).
 SOURCE_ATTR = "_sae_transfer_source"
 
+#: model_from_pretrained_kwargs (besides the processing flags) that a converted checkpoint honours.
+_CFG_KWARGS = frozenset({"n_devices", "default_prepend_bos", "first_n_layers", "n_ctx"})
+
 #: model_from_pretrained_kwargs that the plugin's own options decide.
 _OWNED_KWARGS = ("device", "dtype", "torch_dtype", "move_to_device", "tokenizer", "hf_model")
 
@@ -338,6 +341,25 @@ def _resolve(repo_id: str, what: str, display: str, how: str = _HOW_MODEL) -> tu
     return commit, True
 
 
+@contextlib.contextmanager
+def hub_access(repo_id: str, what: str = "model", display: str | None = None, how: str = _HOW_MODEL) -> Iterator[str]:
+    """Guard any hub download (an SAE's files, a dataset, a model): yields the commit.
+
+    Resolves ``repo_id`` first, which fails fast with one LoadError when the repository is
+    neither reachable nor cached; when the hub did not answer but the cache has it, the body
+    runs with huggingface_hub in offline mode, so no file is retried over a dead connection.
+    """
+    commit, local_only = _resolve(repo_id, what, display or repo_id, how)
+    with _no_network(local_only):
+        yield commit
+
+
+def hub_repo_id(name: str) -> str:
+    """The hub repository behind a model name: a TransformerLens alias ('gemma-2b') maps to its
+    official id ('google/gemma-2b'); anything else is returned as it is (no network)."""
+    return _tl_official_name(name) or name
+
+
 def _cached_commit(repo_id: str, revision: str = "main") -> str | None:
     """The commit the local HF cache records for ``repo_id``'s ``revision`` (no network)."""
     try:
@@ -378,6 +400,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, *, revisi
 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if not _has_tokenizer_files(path):
+            raise LoadError(
+                f"{str(path)!r} has no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json ...); "
+                "save the tokenizer next to the weights with tokenizer.save_pretrained(DIR)"
+            )
         try:
             return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
         except Exception as exc:  # noqa: BLE001
@@ -397,11 +424,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, *, revisi
         local_only = _local_only()
     try:
         with _no_network(local_only):
-            return AutoTokenizer.from_pretrained(
+            tokenizer = AutoTokenizer.from_pretrained(
                 repo, local_files_only=local_only, trust_remote_code=trust_remote_code, revision=revision
             )
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(exc, "tokenizer", name_or_path, _HOW_TOKENIZER) from None
+    snapshot = _snapshot_dir(repo, revision)
+    if snapshot is not None and not _has_tokenizer_files(snapshot):
+        raise LoadError(f"hub repository {repo!r} ships no tokenizer files; save one with tokenizer.save_pretrained(DIR) and load from that directory")
+    return tokenizer
 
 
 def _is_zoo_model(name: str) -> bool:
@@ -776,6 +807,16 @@ def _vocab_rows(hf_model: Any) -> tuple[int, int]:
     return rows_in, rows_out
 
 
+def _is_big(hf_model: Any) -> bool:
+    return sum(p.numel() for p in hf_model.parameters()) >= 50_000_000
+
+
+def _release(big: bool) -> None:
+    """Free the transformers copy of a large model now (a 7B model is ~15 GB of host memory)."""
+    if big:
+        gc.collect()
+
+
 def _state_dict(anchor: Path, cfg: Any, hf_model: Any, dtype: str) -> dict[str, Any]:
     from transformer_lens import loading_from_pretrained as tl_loading
 
@@ -819,8 +860,12 @@ def _build_base(
         raise LoadError(
             f"base model {display!r} has no tokenizer; save it next to the weights with tokenizer.save_pretrained(DIR)"
         )
+    ignored = sorted(set(extra) - _CFG_KWARGS)
+    if ignored:
+        notes.append(f"model_from_pretrained_kwargs {ignored} do not apply to a checkpoint converted here and were ignored")
     cfg_dict = _tl_cfg_dict(cfg_dir, hf_config, trust_remote_code)
     hf_model = load_weights()
+    big = _is_big(hf_model)
     rows_in, rows_out = _vocab_rows(hf_model)
     cfg_dict["d_vocab"] = rows_in
     if rows_out != rows_in:
@@ -837,7 +882,7 @@ def _build_base(
     except Exception as exc:  # noqa: BLE001
         raise LoadError(f"could not convert {display!r} to a TransformerLens model: {type(exc).__name__}: {_short(exc)}") from None
     finally:
-        gc.collect()
+        _release(big)
     notes.append(f"{display}: converted from its Hugging Face checkpoint with {_describe_flags(flags)}")
     return model, notes
 
@@ -870,6 +915,7 @@ def _build_finetune(
     if flags is None:
         flags = dict(NO_PROCESSING)
     hf_model = load_weights()
+    big = _is_big(hf_model)
     rows_in, rows_out = _vocab_rows(hf_model)
     cfg = copy.deepcopy(bcfg)
     cfg.d_vocab = rows_in
@@ -910,7 +956,7 @@ def _build_finetune(
             f"{type(exc).__name__}: {_short(exc)}"
         ) from None
     finally:
-        gc.collect()
+        _release(big)
     setattr(model, OWN_TOKENIZER_ATTR, own_tokenizer)
     if own_tokenizer is None:
         notes.append(f"finetune {display!r} ships no tokenizer; it is fed the base tokenization")

@@ -98,7 +98,12 @@ def resolve_device(device: str) -> str:
             if not index.isdigit() or int(index) >= torch.cuda.device_count():
                 raise LoadError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) are visible")
         return device
-    if device == "cpu" or device == "mps":
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise LoadError("device 'mps' was asked for, but Apple MPS is not available here; use --sae-device cpu or auto")
+        return device
+    if device == "cpu":
         return device
     raise LoadError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:<index>")
 
@@ -406,7 +411,10 @@ def iter_dataset_rows(dataset: str, split: str = "train", trust_remote_code: boo
         yield from ds
         return
     if dataset.startswith((".", "/", "~")):
-        raise LoadError(f"dataset path {dataset!r} does not exist")
+        raise LoadError(
+            f"dataset path {dataset!r} does not exist; pass --sae-dataset with a local .txt/.json/.jsonl/.parquet file, "
+            "a saved datasets directory or a hub dataset name"
+        )
     import datasets
 
     try:
@@ -450,6 +458,7 @@ def load_tokens(
         rows = iter(materialised)
 
     counts = {"rows_read": 0, "rows_empty": 0, "rows_truncated": 0, "rows_padded": 0}
+    available = {"tokens": 0}  # tokens the rows read so far hold (for the "too few tokens" message)
     contexts: list[torch.Tensor] = []
     bos = tokenizer.bos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -468,6 +477,7 @@ def load_tokens(
             if not ids:
                 counts["rows_empty"] += 1
                 continue
+            available["tokens"] += len(ids)
             yield torch.tensor(ids, dtype=torch.long)
 
     first_row: list[Any] = []
@@ -479,7 +489,7 @@ def load_tokens(
     try:
         first = next(rows)
     except StopIteration:
-        raise LoadError(f"dataset {dataset!r} has no rows") from None
+        raise LoadError(f"dataset {dataset!r} has no rows: there is nothing to evaluate; give a dataset with text") from None
     first_row.append(first)
     if isinstance(first, dict):
         column = next((c for c in ("input_ids", "tokens") if c in first), None)
@@ -491,6 +501,7 @@ def load_tokens(
             if not ids:
                 counts["rows_empty"] += 1
                 continue
+            available["tokens"] += len(ids)
             if len(ids) > context_size:
                 counts["rows_truncated"] += 1
                 ids = ids[:context_size]
@@ -520,9 +531,19 @@ def load_tokens(
 
     if len(contexts) < n_contexts:
         have = len(contexts) * context_size
+        rows = f"{counts['rows_read']} rows, {counts['rows_empty']} of them empty"
+        if available["tokens"] == 0:
+            raise LoadError(
+                f"dataset {dataset!r} has no tokens to evaluate ({rows}); give a dataset with text, "
+                "or a pre-tokenized one with an 'input_ids' or 'tokens' column"
+            )
+        fix = (
+            f"lower --sae-tokens to at most {have}" if have
+            else f"it does not fill one context of {context_size} tokens: lower --sae-context-size"
+        )
         raise LoadError(
-            f"dataset {dataset!r} yields only {len(contexts)} contexts of {context_size} tokens ({have} tokens) "
-            f"but --sae-tokens asks for {n_tokens} ({n_contexts} contexts); lower --sae-tokens to at most {max(have, context_size)} or use a larger dataset"
+            f"dataset {dataset!r} has only {available['tokens']} tokens ({rows}): {len(contexts)} contexts of {context_size} "
+            f"tokens, but --sae-tokens asks for {n_tokens} ({n_contexts} contexts); {fix} or use a larger dataset"
         )
     tokens = torch.stack(contexts)
     special = torch.tensor(sorted(set(special_token_ids)), dtype=torch.long)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -150,6 +151,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     if state.is_xdist_controller:
         parts = [TransferReport.read_json(p["path"]) for p in state.worker_payloads]
+        for payload in state.worker_payloads:  # read in full above: the workers' scratch copies can go
+            shutil.rmtree(os.path.dirname(payload["path"]), ignore_errors=True)
         report = merge_reports(parts)
     else:
         report = merge_reports(list(state.gate_reports.values()))

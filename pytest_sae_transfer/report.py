@@ -194,7 +194,7 @@ class FeatureArrays:
     vectors: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     histograms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def _write(self, fh: Any) -> None:
         import numpy as np
 
         flat: dict[str, Any] = {}
@@ -204,11 +204,10 @@ class FeatureArrays:
         for name, hist in self.histograms.items():
             flat[f"hist::{name}::edges"] = np.asarray(hist["edges"])
             flat[f"hist::{name}::counts"] = np.asarray(hist["counts"])
+        np.savez_compressed(fh, **flat)
 
-        def write(fh: Any) -> None:
-            np.savez_compressed(fh, **flat)
-
-        atomic_write(Path(path), write, binary=True)
+    def save(self, path: str | os.PathLike[str]) -> None:
+        atomic_write(Path(path), self._write, binary=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FeatureArrays:
@@ -284,12 +283,25 @@ class TransferReport:
         report (if any) intact, never a truncated one.
         """
         path = Path(path)
-        if self.features is not None:
-            sidecar = path.with_name(path.stem + ".features.npz")
-            self.features.save(sidecar)
-            self.features_file = sidecar.name
-        text = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
-        atomic_write(path, lambda fh: fh.write(text))
+        previous_features_file = self.features_file
+        staged: list[tuple[Path, Path]] = []  # (written temporary file, final path)
+        try:
+            # Both files are written in full (and fsynced) before either replaces its old
+            # version: a failed write (full disk, ...) leaves the previous report *and* the
+            # sidecar it names untouched, never a new sidecar beside an old report.
+            if self.features is not None:
+                sidecar = path.with_name(path.stem + ".features.npz")
+                staged.append((_stage(sidecar, self.features._write, binary=True), sidecar))
+                self.features_file = sidecar.name
+            text = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
+            staged.append((_stage(path, lambda fh: fh.write(text)), path))
+            for tmp, final in staged:
+                os.replace(tmp, final)
+        except BaseException:
+            self.features_file = previous_features_file
+            for tmp, _ in staged:
+                _unlink_quietly(tmp)
+            raise
         return path
 
     @classmethod
@@ -307,6 +319,17 @@ def atomic_write(path: Path, write: Any, binary: bool = False) -> None:
     the new one, never a partial one. The temporary file is removed on failure.
     """
     path = Path(path)
+    tmp = _stage(path, write, binary)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _stage(path: Path, write: Any, binary: bool = False) -> Path:
+    """Write a whole, fsynced temporary file beside ``path``; removed again if anything fails."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -314,10 +337,14 @@ def atomic_write(path: Path, write: Any, binary: bool = False) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(Path(tmp))
         raise
+    return Path(tmp)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

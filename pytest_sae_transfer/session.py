@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable
 
 from . import __version__
@@ -69,6 +70,7 @@ class TransferSession:
         self._transient_notes: dict[str, list[str]] = {}
         self.provenance: dict[str, str] = {}  # "base" / finetune name -> "cache" | "computed"
         self.notes: list[str] = []
+        self._engine_runs: list[dict[str, Any]] = []  # the engine's run config of each compute in this session
 
     # -- resolution ---------------------------------------------------------
 
@@ -122,11 +124,27 @@ class TransferSession:
             return False
         return bool(self.profile.settings.get("exclude_special_tokens", True))
 
+    def _check_model_exists(self, name: str) -> None:
+        """A model named by a path that is not there: one message naming the option, before any load."""
+        if not name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or is_zoo_model(name):
+            return
+        if name != self.base_name:
+            flag = "--finetune"
+        elif self.config.base_model:
+            flag = "--base-model"
+        else:
+            flag = "the base model named in the SAE's metadata (override with --base-model)"
+        raise LoadError(
+            f"{flag} {name!r} does not exist; give a checkpoint directory written by save_pretrained "
+            "(config.json, weights and tokenizer), a Hugging Face model id (owner/name) or a zoo model name"
+        )
+
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
             from . import zoo
 
+            self._check_model_exists(self.base_name)
             if is_zoo_model(self.base_name):
                 self._tokenizer = zoo.load_tokenizer()
             else:
@@ -159,6 +177,7 @@ class TransferSession:
 
     def model(self, name: str) -> LoadedModel:
         if name not in self._models:
+            self._check_model_exists(name)
             base = None if name == self.base_name else self.model(self.base_name)
             with quiet_third_party_warnings():
                 loaded = load_model(name, self.device, self.dtype, base=base, model_kwargs=self.sae.model_kwargs,
@@ -264,9 +283,20 @@ class TransferSession:
         self.provenance.setdefault(finetune, "cache")
         return True
 
+    def _put(self, cache: ResultCache, key: str, payload: dict[str, Any], arrays: dict[str, Any]) -> None:
+        """Store a result; a cache that cannot be written (full disk, read-only) costs a re-run
+        later, never this run's verdict, so it becomes a note instead of an error."""
+        try:
+            cache.put(key, payload, arrays)
+        except OSError as exc:
+            note = f"could not write the result cache in {str(getattr(cache, 'root', ''))!r} ({exc}); results were not cached"
+            if note not in self.notes:
+                self.notes.append(note)
+
     def _store_base(self, cache: ResultCache) -> None:
         s = self._base_state
-        cache.put(
+        self._put(
+            cache,
             self._base_key(),
             {"result": s.result.to_json(), "n_eval": s.n_eval, "outlier_norm": s.outlier_norm},
             {"fire_count": s.fire_count.numpy(), **_flatten_hists("", s.histograms)},
@@ -277,7 +307,7 @@ class TransferSession:
         stored = dataclasses.replace(result, checks=[])
         arrays = {f"vec::{k}": v for k, v in vectors.items()}
         arrays.update(_flatten_hists("", hists))
-        cache.put(self._pair_key(finetune), {"result": stored.to_json()}, arrays)
+        self._put(cache, self._pair_key(finetune), {"result": stored.to_json()}, arrays)
 
     # -- evaluation -------------------------------------------------------------
 
@@ -286,8 +316,11 @@ class TransferSession:
         wanted = [ft for ft in dict.fromkeys(finetunes) if ft not in self._pairs]
         if not wanted and self._base_state is not None:
             return
+        for name in wanted:
+            self._check_model_exists(name)
         cache = self.cache
         if isinstance(cache, ResultCache):
+            _check_writable(cache.root)
             cache.sweep()
         if self._base_state is None:
             self._load_base_from_cache(cache)
@@ -361,6 +394,13 @@ class TransferSession:
             self.provenance["base"] = "computed"
             self._store_base(cache)
         self._run_config = out.report.config
+        self._engine_runs.append(dict(out.report.config))
+        if out.oom_splits:
+            c = out.report.config
+            self.notes.append(
+                f"out of memory at batch size {c.get('batch_size')}: the batch was halved {out.oom_splits} time(s) "
+                f"and the run finished at batch size {c.get('final_batch_size')}"
+            )
         features = out.report.features or FeatureArrays()
         for ft_result in out.report.finetunes:
             name = ft_result.model
@@ -431,8 +471,23 @@ class TransferSession:
             "notes": list(self.notes),
             "provenance": dict(self.provenance),
             "sequential": self.config.sequential,
+            **self._engine_config(),
             "versions": versions,
         }
+
+    def _engine_config(self) -> dict[str, Any]:
+        """What the engine did in this session: batch sizes after out-of-memory retries, timing."""
+        runs = self._engine_runs
+        out: dict[str, Any] = {
+            "batch_size": self.config.batch_size,
+            "final_batch_size": min((r["final_batch_size"] for r in runs), default=None),
+            "oom_batch_splits": sum(int(r.get("oom_batch_splits") or 0) for r in runs),
+        }
+        if runs:
+            out["engine_version"] = runs[-1].get("engine_version")
+            out["elapsed_seconds"] = round(sum(float(r.get("elapsed_seconds") or 0.0) for r in runs), 3)
+            out["tokens_per_second"] = runs[-1].get("tokens_per_second")
+        return out
 
     def pair(self, finetune: str) -> Any:
         from .results import PairResult
@@ -452,6 +507,21 @@ class _MemoryOnlyCache:
     @contextlib.contextmanager
     def lock(self, key: str):
         yield
+
+
+def _check_writable(root: Path) -> None:
+    """The cache directory must take lock files and entries: say so up front, not as a crash later."""
+    import tempfile
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise LoadError(
+            f"the result cache directory {str(root)!r} cannot be written ({exc}); "
+            "pass a writable directory with --sae-cache-dir, or --sae-no-cache"
+        ) from None
 
 
 def worker_id_from_env() -> str | None:

@@ -158,6 +158,7 @@ def with_extra_row(model: Any, tokenizer_dir: Path, out_dir: Path, token: str = 
 
 def write_dataset(path: Path, n_docs: int = 60, seed: int = 7) -> Path:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         for doc in corpus(n_docs, seed=seed):
             fh.write(json.dumps({"text": doc}) + "\n")

@@ -305,7 +305,7 @@ def test_load_tokenizer_local_and_errors(work, tok):
     loaded = hf.load_tokenizer(str(work / "tok"))
     text = hf_tiny.corpus(1, seed=3)[0]
     assert loaded(text)["input_ids"] == tok(text)["input_ids"]
-    with pytest.raises(LoadError, match="could not load a tokenizer"):
+    with pytest.raises(LoadError, match="has no tokenizer files"):
         hf.load_tokenizer(str(work))  # a directory without tokenizer files
     with pytest.raises(LoadError, match="valid Hugging Face model id"):
         hf.load_tokenizer("not a/valid//id")
@@ -491,6 +491,16 @@ def test_unreachable_hub_uses_the_cache_or_says_what_is_missing(monkeypatch, fak
         assert time.perf_counter() - t < 10
     with pytest.raises(LoadError, match="tokenizer 'google/gemma-2b' is not in the local cache"):
         hf.load_tokenizer("google/gemma-2b")
+    # the guard other loaders (SAE files, datasets) can put around a hub download
+    t = time.perf_counter()
+    with pytest.raises(LoadError, match="SAE 'gemma-2b-res-jb/blocks.6.hook_resid_post' is not in the local cache"):
+        with hf.hub_access("jbloom/Gemma-2b-Residual-Stream-SAEs", "SAE", "gemma-2b-res-jb/blocks.6.hook_resid_post"):
+            raise AssertionError("not reached")
+    with hf.hub_access("mistralai/Mistral-7B-v0.1") as commit:
+        assert commit == _fake_commit("mistralai/Mistral-7B-v0.1") and constants.HF_HUB_OFFLINE is True
+    assert constants.HF_HUB_OFFLINE is False
+    assert time.perf_counter() - t < 10
+    assert hf.hub_repo_id("gemma-2b") == "google/gemma-2b" and hf.hub_repo_id("meta-math/MetaMath-Mistral-7B") == "meta-math/MetaMath-Mistral-7B"
 
 
 # -- HF_HUB_OFFLINE=1, in a fresh interpreter ---------------------------------------------
@@ -546,66 +556,135 @@ _OFFLINE_SCRIPT = textwrap.dedent(
 )
 
 
+class _Child:
+    """A subprocess started early and collected late, with its output in files (no pipe stalls)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, name: str) -> None:
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=err, text=True, env=env, cwd=cwd)
+        self.started = time.perf_counter()
+        self.cwd = cwd
+
+    def result(self, timeout: float = 600) -> tuple[int, str, str, float]:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"subprocess hung (killed after {timeout:.0f} s): {self.err_path.read_text()[-3000:]}")
+        elapsed = time.perf_counter() - self.started
+        return self.proc.returncode, self.out_path.read_text(), self.err_path.read_text(), elapsed
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "PYTEST_"))}
+    env.update(HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+GATE_ARCHS = ("mistral", "gemma")
+GATE_TOKENS = 256
+
+
+def _gate_inputs(arch: str, a: "Arch", work: Path) -> dict[str, Path]:
+    root = work / f"gate-{arch}"
+    dataset = hf_tiny.write_dataset(root / "data.jsonl", n_docs=80, seed=5)
+    sae = hf_tiny.make_sae_dir(root / "sae", d_in=hf_tiny.HIDDEN, hook_name=HOOKS[arch], model_name=str(a.base_dir),
+                               dataset=str(dataset), context_size=CTX, seed=4)
+    return {"root": root, "dataset": dataset, "sae": sae}
+
+
+class _Kids:
+    """The module's subprocess checks, started on first use. Without xdist they are all started
+    as soon as the module starts (``_children``), so that they run beside the in-process tests;
+    under xdist each worker starts only the ones its own tests ask for."""
+
+    def __init__(self, request, work: Path, archs) -> None:
+        self.request, self.work, self.archs = request, work, archs
+        self.running: dict[str, _Child] = {}
+
+    def get(self, name: str) -> _Child:
+        if name not in self.running:
+            self.running[name] = self._spawn(name)
+        return self.running[name]
+
+    def _spawn(self, name: str) -> _Child:
+        work = self.work
+        if name == "offline":
+            home = self.request.getfixturevalue("fake_hf_home")
+            script = work / "offline_check.py"
+            script.write_text(_OFFLINE_SCRIPT)
+            return _Child([sys.executable, str(script)], _clean_env(HF_HOME=str(home), HF_HUB_OFFLINE="1"),
+                          work / "offline-run", "offline")
+        arch = name.removeprefix("gate-")
+        a = self.archs(arch)
+        inputs = _gate_inputs(arch, a, work)
+        args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA",
+                "--base-model", str(a.base_dir), "--finetune", str(a.ft_dir), "--finetune", str(a.xrow_dir),
+                "--sae-path", str(inputs["sae"]), "--sae-dataset", str(inputs["dataset"]),
+                "--sae-tokens", str(GATE_TOKENS), "--sae-report", "r.json", "--sae-bootstrap", "20",
+                "--sae-cache-dir", str(inputs["root"] / "cache")]
+        # No hub at all: an empty HF cache and offline mode.
+        env = _clean_env(HF_HOME=str(inputs["root"] / "hf-home"), HF_HUB_OFFLINE="1")
+        return _Child(args, env, inputs["root"] / "run", "pytest")
+
+    def close(self) -> None:
+        for kid in self.running.values():
+            kid.kill()
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _offline_child(request, work):
-    """Starts the HF_HUB_OFFLINE=1 checks in a fresh interpreter (huggingface_hub reads the
-    variable at import time) as soon as this module starts, so that it runs beside the other
-    tests; ``offline_run`` collects it. Not started when no offline test is selected."""
-    if not any("test_offline" in item.nodeid for item in request.session.items):
-        yield None
-        return
-    home = request.getfixturevalue("fake_hf_home")
-    script = work / "offline_check.py"
-    script.write_text(_OFFLINE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    yield proc, time.perf_counter()
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+def _children(request, work, archs):
+    kids = _Kids(request, work, archs)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        selected = [item.nodeid for item in request.session.items]
+        if any("test_offline" in n for n in selected):
+            kids.get("offline")
+        for arch in GATE_ARCHS:
+            if any("test_pytest_gate" in n and f"[{arch}]" in n for n in selected):
+                kids.get(f"gate-{arch}")
+    yield kids
+    kids.close()
 
 
 @pytest.fixture(scope="module")
-def offline_run(_offline_child):
-    assert _offline_child is not None
-    proc, started = _offline_child
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"the offline checks hung (killed after 300 s):\n{stderr[-3000:]}")
-    elapsed = time.perf_counter() - started
+def offline_run(_children):
+    rc, stdout, stderr, elapsed = _children.get("offline").result(300)
     line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULTS ")), None)
-    assert line is not None, f"offline check crashed (rc={proc.returncode}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    assert line is not None, f"offline check crashed (rc={rc}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
     return json.loads(line[len("RESULTS "):]), elapsed, stderr
 
 
-@pytest.mark.parametrize(
-    "key, what",
-    [
-        ("sae_gemma", "SAE 'gemma-2b-res-jb/blocks.6.hook_resid_post'"),
-        ("sae_mistral", "SAE 'mistral-7b-res-wg/blocks.8.hook_resid_pre'"),
-        ("model_gemma", "model 'gemma-2b (google/gemma-2b)'"),
-        ("tokenizer_gemma", "tokenizer 'gemma-2b'"),
-        ("finetune_gemma", "finetune 'shahdishank/gemma-2b-it-finetune-python-codes'"),
-    ],
-)
-def test_offline_missing_is_one_clear_error(offline_run, key, what):
-    results, _, stderr = offline_run
-    r = results[key]
-    assert r["type"] == "LoadError", r
-    assert r["message"].startswith(what), r["message"]
-    assert "is not in the local cache and HF_HUB_OFFLINE is set" in r["message"]
-    assert "Traceback" not in r["message"] and len(r["message"]) < 600
-    assert r["seconds"] < 15, f"{key} took {r['seconds']:.1f}s"
+OFFLINE_MISSING = {
+    "sae_gemma": "SAE 'gemma-2b-res-jb/blocks.6.hook_resid_post'",
+    "sae_mistral": "SAE 'mistral-7b-res-wg/blocks.8.hook_resid_pre'",
+    "model_gemma": "model 'gemma-2b (google/gemma-2b)'",
+    "tokenizer_gemma": "tokenizer 'gemma-2b'",
+    "finetune_gemma": "finetune 'shahdishank/gemma-2b-it-finetune-python-codes'",
+}
 
 
-def test_offline_cached_study_pair_loads(offline_run):
-    """The Mistral pair by its real names, served from the cache with HF_HUB_OFFLINE=1:
-    'mistral-7b' through TransformerLens's official loader, MetaMath by hub id."""
+def test_offline_hub(offline_run):
+    """With HF_HUB_OFFLINE=1 (a fresh interpreter): the study's hub model, hub finetune id, SAE
+    releases and tokenizer that are not cached are each one short LoadError that says what is
+    missing and how to provide it, in seconds; the Mistral pair, cached under its real names,
+    loads ('mistral-7b' through TransformerLens's official loader, MetaMath by hub id)."""
     results, elapsed, stderr = offline_run
+    for key, what in OFFLINE_MISSING.items():
+        r = results[key]
+        assert r["type"] == "LoadError", (key, r)
+        assert r["message"].startswith(what), r["message"]
+        assert "is not in the local cache and HF_HUB_OFFLINE is set" in r["message"]
+        assert "save_pretrained" in r["message"] or "save_model" in r["message"]
+        assert "Traceback" not in r["message"] and len(r["message"]) < 600
+        assert r["seconds"] < 15, f"{key} took {r['seconds']:.1f}s"
+
     base = results["model_mistral_cached"]
     assert base["ok"], base
     assert base["value"] == "hub:mistralai/Mistral-7B-v0.1@" + _fake_commit("mistralai/Mistral-7B-v0.1")
@@ -615,3 +694,41 @@ def test_offline_cached_study_pair_loads(offline_run):
     assert identity == "hub:meta-math/MetaMath-Mistral-7B@" + _fake_commit("meta-math/MetaMath-Mistral-7B")
     assert d_vocab == 513
     assert "finetune has 513 vocabulary rows, base 512; the 1 extra row is ignored by shared-vocabulary metrics" in notes
+
+
+# -- the whole gate through pytest -------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", GATE_ARCHS)
+def test_pytest_gate_on_tiny_study_pair(arch, _children, archs):
+    """`pytest --base-model DIR --finetune DIR --finetune DIR --sae-path DIR --sae-dataset FILE
+    --sae-tokens N --sae-report r.json` on the tiny Mistral (resid_pre) and Gemma (resid_post)
+    pairs, with HF_HUB_OFFLINE=1 and an empty HF cache: the gate runs and the report is complete.
+    (The random SAE reconstructs poorly, so reconstruction checks may fail: exit 0 or 1, never a
+    usage or internal error.)"""
+    from pytest_sae_transfer.report import MODEL_METRIC_KEYS, PAIRED_METRIC_KEYS
+
+    kid = _children.get(f"gate-{arch}")
+    rc, stdout, stderr, _ = kid.result()
+    text = stdout[-6000:] + stderr[-3000:]
+    assert rc in (0, 1), text
+    assert "PASSED" in stdout, text
+    report = json.loads((kid.cwd / "r.json").read_text())
+    a = archs(arch)
+    assert report["schema_version"] == 1
+    cfg = report["config"]
+    assert cfg["hook_name"] == HOOKS[arch] and cfg["base_model"] == str(a.base_dir)
+    assert cfg["n_tokens"] == GATE_TOKENS and cfg["context_size"] == CTX and cfg["d_in"] == hf_tiny.HIDDEN
+    assert set(MODEL_METRIC_KEYS) <= set(report["base"]["metrics"])
+    assert {ft["model"] for ft in report["finetunes"]} == {str(a.ft_dir), str(a.xrow_dir)}
+    for ft in report["finetunes"]:
+        assert set(MODEL_METRIC_KEYS) <= set(ft["metrics"]), ft["model"]
+        assert set(PAIRED_METRIC_KEYS) <= set(ft["paired"]), ft["model"]
+        assert ft["checks"] and ft["passed"] in (True, False)
+        for check in ft["checks"]:
+            assert {"id", "metric", "op", "bound", "value", "passed"} <= set(check)
+        assert ft["metrics"]["n_tokens"] > 0 and ft["paired"]["resid_cosine_mean"] is not None
+    xrow = next(ft for ft in report["finetunes"] if ft["model"] == str(a.xrow_dir))
+    assert any("finetune has 513 vocabulary rows, base 512; the 1 extra row is ignored" in n for n in xrow["notes"]), xrow["notes"]
+    assert xrow["paired"]["n_shared_vocab"] == 512
+    assert (kid.cwd / report["features_file"]).is_file()

@@ -143,3 +143,14 @@ def pytest_collection_finish(session):
     assert "toy-code::finetune.ce_loss_delta<=" in out
     assert "toy-prose::paired.resid_cosine_mean>=" in out
     assert "TORCH_LOADED=False" in out
+
+
+def test_readme_documents_every_option() -> None:
+    from pathlib import Path
+
+    from pytest_sae_transfer.config import OPTIONS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    for opt in OPTIONS:
+        for name in (opt.flag, f"`{opt.ini}`", f"`{opt.env}`"):
+            assert name in readme, f"README lacks {name}"
