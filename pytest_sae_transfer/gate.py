@@ -122,11 +122,13 @@ class GateCollector(pytest.Collector):
 
     def collect(self) -> list[pytest.Item]:
         items = []
+        # Under xdist --dist loadgroup (which the plugin sets for plain -n), one worker owns
+        # each finetune's items. xdist reads the group from a "@group" nodeid suffix; its own
+        # rewrite of xdist_group marks runs before these items exist, so it is applied here.
+        group = f"@sae-transfer-{self.finetune}" if self.config.getvalue("loadgroup") else ""
         for check_id, metric, severity in self.planned:
-            item = GateItem.from_parent(self, name=check_id, nodeid=f"{self.nodeid}::{check_id}", finetune=self.finetune,
+            item = GateItem.from_parent(self, name=check_id, nodeid=f"{self.nodeid}::{check_id}{group}", finetune=self.finetune,
                                         check_id=check_id, metric=metric, severity=severity)
-            # One xdist worker owns each finetune's items (--dist loadgroup, set by the plugin).
-            item.add_marker(pytest.mark.xdist_group(name=f"sae-transfer::{self.finetune}"))
             items.append(item)
         return items
 
@@ -166,7 +168,8 @@ class GateItem(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
-        return self.path, None, f"{self.finetune}::{self.check_id}"
+        # Not a suffix of the nodeid: pytest would rewrite its dots as "::" for display.
+        return self.path, None, f"sae-transfer check {self.check_id} of {self.finetune}"
 
 
 def _find_check(report: TransferReport, finetune: str, check_id: str) -> CheckResult:

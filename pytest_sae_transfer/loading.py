@@ -272,8 +272,19 @@ def load_sae(
         raise LoadError(f"unknown SAE id {sae_id!r} in release {release!r}{nearest(sae_id, ids)}")
     from sae_lens import SAE
 
+    from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
+
+    from . import hf
+
     try:
-        sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype or "float32")
+        repo_id, _folder = get_repo_id_and_folder_name(release, sae_id)
+        # Resolve the repository first: with no network this fails in seconds, not after retries.
+        how = ("Download it once on a machine with hub access (it lands in the HF cache; copy that cache here or set HF_HOME), "
+               "or save it with sae.save_model(DIR) and pass --sae-path DIR.")
+        with hf.hub_access(repo_id, "SAE", f"{release}/{sae_id}", how):
+            sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype or "float32")
+    except LoadError:
+        raise
     except Exception as exc:  # noqa: BLE001
         if _is_network_error(exc):
             raise LoadError(
@@ -289,7 +300,8 @@ def load_sae(
 def _is_network_error(exc: BaseException) -> bool:
     names = {type(e).__name__ for e in _chain(exc)}
     markers = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "ConnectTimeout", "MaxRetryError",
-               "HfHubHTTPError", "RepositoryNotFoundError", "GatedRepoError", "EntryNotFoundError", "gaierror"}
+               "HfHubHTTPError", "RepositoryNotFoundError", "GatedRepoError", "EntryNotFoundError", "gaierror",
+               "RevisionResolutionError", "ConnectError"}
     text = " ".join(str(e) for e in _chain(exc)).lower()
     return bool(names & markers) or "offline" in text or "connection" in text or "couldn't connect" in text
 
@@ -579,7 +591,10 @@ def model_identity(name: str) -> str:
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".bin", ".model")]
         return "local:" + file_identity(files)
-    return f"hub:{name}@{_cached_revision(name) or 'unresolved'}"
+    from .hf import hub_repo_id
+
+    repo_id = hub_repo_id(name)  # a TransformerLens alias ('gemma-2b') names the repo 'google/gemma-2b'
+    return f"hub:{repo_id}@{_cached_revision(repo_id) or 'unresolved'}"
 
 
 def _cached_revision(repo_id: str) -> str | None:

@@ -61,7 +61,31 @@ def pytest_configure(config: pytest.Config) -> None:
             profile = load_profile(run_config.thresholds or profile_for_release(run_config.sae_release))
         except ProfileError as exc:
             raise pytest.UsageError(str(exc)) from None
+    if run_config.active:
+        _group_finetunes_per_worker(config)
     config.stash[STATE_KEY] = PluginState(config, run_config, profile)
+
+
+def _group_finetunes_per_worker(config: pytest.Config) -> None:
+    """Under xdist, let one worker own each finetune's gate items (their xdist_group marks).
+
+    Plain ``-n N`` means ``--dist load``; it becomes ``loadgroup`` on the controller, and
+    each worker, which rebuilds its options from the command line, turns its group marks
+    into scheduling groups. An explicit other ``--dist`` mode is left alone.
+    """
+    args = [str(a) for a in config.invocation_params.args]
+    explicit = None
+    for i, arg in enumerate(args):
+        if arg == "--dist" and i + 1 < len(args):
+            explicit = args[i + 1]
+        elif arg.startswith("--dist="):
+            explicit = arg.split("=", 1)[1]
+    if explicit not in (None, "load", "loadgroup"):
+        return
+    if hasattr(config, "workerinput"):
+        config.option.loadgroup = True
+    elif getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -111,19 +135,6 @@ def _usage_error(exc: BaseException) -> pytest.UsageError | None:
 
 
 @pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """With the gate active, schedule by group so one worker owns each finetune's items."""
-    state = config.stash.get(STATE_KEY, None)
-    if state is None or state.run_config is None or not state.run_config.active:
-        return None
-    if config.getoption("dist", "load") not in ("load", "loadgroup"):
-        return None
-    from xdist.scheduler import LoadGroupScheduling
-
-    return LoadGroupScheduling(config, log)
-
-
-@pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
     state = node.config.stash.get(STATE_KEY, None)
     payload = getattr(node, "workeroutput", {}).get("sae_transfer_report")
@@ -145,6 +156,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if state.gate_reports:
             report = merge_reports(list(state.gate_reports.values()))
             assert report is not None
+            # The reports were built one by one; record what this worker did over the whole run.
+            report.config["provenance"] = dict(state.gate_session().provenance)
             directory = tempfile.mkdtemp(prefix="sae-transfer-worker-")
             path = report.write_json(os.path.join(directory, "report.json"))
             config.workeroutput["sae_transfer_report"] = json.dumps({"path": str(path)})
@@ -156,6 +169,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         report = merge_reports(parts)
     else:
         report = merge_reports(list(state.gate_reports.values()))
+        if report is not None:
+            report.config["provenance"] = dict(state.gate_session().provenance)
     if report is None:
         return
     state.final_report = order_like(report, state.run_config.finetunes)

@@ -40,6 +40,9 @@ MODEL_METRIC_KEYS: tuple[str, ...] = (
     "dense_fraction",
     "outlier_fraction",
     "nonfinite_fraction",
+    # Beyond SPEC (extra keys are allowed): included tokens whose activation was finite
+    # but whose CE or KL was NaN/Inf (overflow after the hook), as a fraction.
+    "nonfinite_loss_fraction",
 )
 
 #: Paired (base vs finetune) metric keys, in SPEC.md order.

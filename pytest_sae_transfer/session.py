@@ -183,18 +183,20 @@ class TransferSession:
                 loaded = load_model(name, self.device, self.dtype, base=base, model_kwargs=self.sae.model_kwargs,
                                     trust_remote_code=self.config.trust_remote_code)
             if base is not None:
-                self._check_finetune_tokenizer(name)
+                self._check_finetune_tokenizer(name, loaded)
             self._models[name] = loaded
         return self._models[name]
 
-    def _check_finetune_tokenizer(self, name: str) -> None:
+    def _check_finetune_tokenizer(self, name: str, loaded: LoadedModel) -> None:
         from . import zoo
 
         if is_zoo_model(name) and is_zoo_model(self.base_name):
             return  # the zoo's models share one tokenizer
         from . import hf
 
-        ft_tok = zoo.load_tokenizer() if is_zoo_model(name) else hf.load_tokenizer(name, trust_remote_code=self.config.trust_remote_code)
+        # The finetune's own tokenizer, as its loader found it (None when it ships none:
+        # check_tokenizers then notes that the base tokenizer is used).
+        ft_tok = zoo.load_tokenizer() if is_zoo_model(name) else getattr(loaded.model, hf.OWN_TOKENIZER_ATTR, None)
         tokens = self.token_set.tokens
         samples = [self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens[: min(8, len(tokens))].tolist()]
         self.notes.extend(hf.check_tokenizers(self.tokenizer, ft_tok, samples, allow_mismatch=self.config.allow_tokenizer_mismatch))
@@ -442,10 +444,12 @@ class TransferSession:
         sae = self.sae
         tokens = self.token_set
         versions = {"pytest_sae_transfer": __version__, "python": platform.python_version()}
-        for mod in ("torch", "sae_lens", "transformer_lens", "transformers"):
+        from importlib import metadata
+
+        for mod, dist in (("torch", "torch"), ("sae_lens", "sae-lens"), ("transformer_lens", "transformer-lens"), ("transformers", "transformers")):
             try:
-                versions[mod] = __import__(mod).__version__
-            except Exception:  # noqa: BLE001
+                versions[mod] = metadata.version(dist)  # transformer_lens has no __version__
+            except metadata.PackageNotFoundError:
                 versions[mod] = None
         opts = self.engine_options()
         return {

@@ -42,12 +42,17 @@ def gate_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: str) -> tup
 
 
 def _outcomes(result: pytest.RunResult) -> dict[str, str]:
-    """nodeid -> PASSED/FAILED from the -rA short summary."""
+    """nodeid -> PASSED/FAILED from the -rA short summary.
+
+    pytest shows a nodeid relative to the invocation directory when the rootdir differs
+    ("../toy-code::..."); the finetune part is normalised back to its name."""
     out = {}
     for line in result.outlines:
         for word in ("PASSED", "FAILED"):
             if line.startswith(word + " "):
-                out[line[len(word) + 1 :].split(" - ")[0]] = word
+                nodeid = line[len(word) + 1 :].split(" - ")[0]
+                head, sep, tail = nodeid.partition("::")
+                out[Path(head).name + sep + tail] = word
     return out
 
 
@@ -232,8 +237,13 @@ def test_xdist_gives_the_serial_report(pytester: pytest.Pytester, tmp_path: Path
     assert parallel["base"]["metrics"] == pytest.approx(serial["base"]["metrics"], rel=1e-9)
     for p, s in zip(parallel["finetunes"], serial["finetunes"]):
         assert p["metrics"] == pytest.approx(s["metrics"], rel=1e-9)
-        scalar = {k: v for k, v in s["paired"].items() if not isinstance(v, list)}
-        assert {k: p["paired"][k] for k in scalar} == pytest.approx(scalar, rel=1e-9, nan_ok=True)
+        for key, value in s["paired"].items():
+            if value is None or isinstance(value, list):
+                assert p["paired"][key] == value or value is not None, key  # nulls stay null
+                if isinstance(value, list):
+                    assert [v is None for v in p["paired"][key]] == [v is None for v in value], key
+            else:
+                assert p["paired"][key] == pytest.approx(value, rel=1e-9), key
         assert [c["passed"] for c in p["checks"]] == [c["passed"] for c in s["checks"]]
     # Each pair was evaluated once; the base was computed by one worker and read from the cache by the other.
     workers = parallel["config"]["provenance_by_worker"]

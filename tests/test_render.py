@@ -64,6 +64,7 @@ def _model_metrics(rng: np.random.Generator, *, l0: float, ce_clean: float, ce_s
         "dense_fraction": 0.0021,
         "outlier_fraction": 0.0,
         "nonfinite_fraction": 0.0,
+        "nonfinite_loss_fraction": 0.0,
     }
     assert set(m) == set(MODEL_METRIC_KEYS)
     return m

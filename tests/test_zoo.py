@@ -270,10 +270,10 @@ def test_models_are_hooked_transformers(models, tokenizer):
 
 
 def test_models_differ(torch, models):
-    base = dict(models["toy-base"].named_parameters())
+    base = {k: v.detach() for k, v in models["toy-base"].named_parameters()}
     rel = {}
     for name in ("toy-prose", "toy-code"):
-        ft = dict(models[name].named_parameters())
+        ft = {k: v.detach() for k, v in models[name].named_parameters()}
         num = sum(float((ft[k] - base[k]).double().pow(2).sum()) for k in base)
         den = sum(float(base[k].double().pow(2).sum()) for k in base)
         rel[name] = math.sqrt(num / den)

@@ -180,6 +180,9 @@ class ModelAccumulator:
             # included tokens with a finite activation whose CE or KL was not finite:
             # left out of the loss means only
             out["n_nonfinite_loss"] = int(stats[:, N_NONFINITE_LOSS].sum())
+            # Beyond SPEC: the same as a fraction, so a profile can gate on it (default max 0).
+            n_included = float(stats[:, N_INCLUDED].sum())
+            out["nonfinite_loss_fraction"] = out["n_nonfinite_loss"] / n_included if n_included else float("nan")
         return out
 
     def histograms(self) -> dict[str, dict[str, Any]]:

@@ -68,3 +68,10 @@ def test_nonfinite_logits_are_counted_and_noted() -> None:
     # and no NaN/Inf number leaks into the report: a loss mean over nothing is null, and fails its check
     for key in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_delta", "kl_div_spliced"):
         assert m[key] is None or math.isfinite(m[key]), (key, m[key])
+    # The overflow is gateable: the fraction is reported, and the default profile fails on it.
+    assert m["nonfinite_loss_fraction"] == m["n_nonfinite_loss"] / m["n_tokens"] > 0
+    from pytest_sae_transfer.thresholds import evaluate_checks, load_profile
+
+    evaluate_checks(load_profile("default"), report)
+    check = next(c for c in report.finetune("ft").checks if c.id == "finetune.nonfinite_loss_fraction<=0")
+    assert check.passed is False and report.finetune("ft").passed is False
