@@ -125,7 +125,7 @@ class GateCollector(pytest.Collector):
         # Under xdist --dist loadgroup (which the plugin sets for plain -n), one worker owns
         # each finetune's items. xdist reads the group from a "@group" nodeid suffix; its own
         # rewrite of xdist_group marks runs before these items exist, so it is applied here.
-        group = f"@sae-transfer-{self.finetune}" if self.config.getvalue("loadgroup") else ""
+        group = f"@sae-transfer-{self.finetune}" if getattr(self.config.option, "loadgroup", False) else ""
         for check_id, metric, severity in self.planned:
             item = GateItem.from_parent(self, name=check_id, nodeid=f"{self.nodeid}::{check_id}{group}", finetune=self.finetune,
                                         check_id=check_id, metric=metric, severity=severity)
