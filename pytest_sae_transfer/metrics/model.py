@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .stats import LOG_EPS
+from .stats import LOG_EPS, RowTable
 
 # Columns of the per-context statistics table.
 N_EVAL, L0_SUM, CE_N, CE_CLEAN, CE_SPLICED, CE_ZERO, KL_N, KL_SUM = range(8)
@@ -73,15 +73,15 @@ class ModelAccumulator:
         self.d_in = d_in
         self.d_sae = d_sae
         self.with_losses = with_losses
-        self._context_stats: list[torch.Tensor] = []
-        self._context_sum_x: list[torch.Tensor] = []
+        self._context_stats = RowTable(N_COLUMNS)
+        self._context_sum_x = RowTable(d_in)
         self.fire_count = torch.zeros(d_sae, dtype=torch.float64)
         self.act_hist = torch.zeros(len(ACT_LOG10_EDGES) - 1, dtype=torch.float64)
         self.zero_act_count = 0.0
 
     @property
     def n_contexts(self) -> int:
-        return sum(t.shape[0] for t in self._context_stats)
+        return self._context_stats.n_rows
 
     @torch.no_grad()
     def update(self, batch: ModelBatch, finite: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,17 +141,15 @@ class ModelAccumulator:
             stats[:, KL_N] = kl_pos.sum(1, dtype=f64)
             stats[:, KL_SUM] = torch.where(kl_pos, batch.kl, 0.0).sum(1, dtype=f64)
 
-        self._context_stats.append(stats.cpu())
-        self._context_sum_x.append(sum_x.cpu())
+        self._context_stats.append(stats)
+        self._context_sum_x.append(sum_x)
         return evaluated
 
     # -- results ---------------------------------------------------------------
 
     def context_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([C, N_COLUMNS], [C, d_in]) per-context sums, float64 on CPU."""
-        if not self._context_stats:
-            return torch.zeros(0, N_COLUMNS, dtype=torch.float64), torch.zeros(0, self.d_in, dtype=torch.float64)
-        return torch.cat(self._context_stats), torch.cat(self._context_sum_x)
+        return self._context_stats.table(), self._context_sum_x.table()
 
     @property
     def n_eval(self) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .stats import LOG_EPS
+from .stats import LOG_EPS, RowTable
 
 #: Fixed histogram bins for per-token residual similarity.
 COSINE_EDGES = torch.linspace(-1.0, 1.0, 201, dtype=torch.float64)
@@ -39,7 +39,7 @@ class PairedAccumulator:
         self.pos_euc = torch.zeros(context_size, dtype=f64)
         self.cos_hist = torch.zeros(len(COSINE_EDGES) - 1, dtype=f64)
         self.euc_hist = torch.zeros(len(EUCLID_LOG10_EDGES) - 1, dtype=f64)
-        self._context_stats: list[torch.Tensor] = []
+        self._context_stats = RowTable(3)
 
     @torch.no_grad()
     def update(
@@ -64,7 +64,7 @@ class PairedAccumulator:
         self.pos_cos[:T] += cos.sum(0).cpu()
         self.pos_euc[:T] += euc.sum(0).cpu()
         ctx = torch.stack([m.sum(1), cos.sum(1), euc.sum(1)], dim=1)
-        self._context_stats.append(ctx.cpu())
+        self._context_stats.append(ctx)
 
         sel_cos = cos[mask]
         sel_euc = euc[mask].clamp_min(1e-30).log10()
@@ -85,9 +85,7 @@ class PairedAccumulator:
         self.sum_log_err += (log_a - log_b).abs_().sum(0).cpu()
 
     def context_table(self) -> torch.Tensor:
-        if not self._context_stats:
-            return torch.zeros(0, 3, dtype=torch.float64)
-        return torch.cat(self._context_stats)
+        return self._context_stats.table()
 
     def by_position(self) -> tuple[list[float | None], list[float | None]]:
         cos = [float(c / n) if n > 0 else None for c, n in zip(self.pos_cos, self.pos_n)]
