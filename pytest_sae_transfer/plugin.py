@@ -97,8 +97,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     from .thresholds import planned_checks
 
     planned = planned_checks(state.profile)
+    # Rooted at the invocation directory, so pytest shows "toy-code::..." wherever it runs
+    # (it prints nodeids relative to the working directory, not to the rootdir).
+    try:
+        here = config.invocation_params.dir.resolve().relative_to(config.rootpath.resolve()).as_posix()
+    except ValueError:
+        here = "."
+    prefix = "" if here == "." else here + "/"
     for finetune in state.run_config.finetunes:
-        collector = GateCollector.from_parent(session, name=finetune, nodeid=finetune, finetune=finetune, planned=planned)
+        collector = GateCollector.from_parent(session, name=finetune, nodeid=prefix + finetune, finetune=finetune, planned=planned)
         items.extend(collector.collect())
 
 
