@@ -639,7 +639,7 @@ def train_sae(model, train_rows, arch: str, out_dir: Path, work: Path, special_i
         training_tokens=SAE_TRAIN_TOKENS,
         train_batch_size_tokens=4096,
         store_batch_size_prompts=32,
-        n_batches_in_buffer=16,
+        n_batches_in_buffer=64,  # x context_size = 8192 tokens; must be >= train_batch_size_tokens (4096), else sae_lens raises
         lr=SAE_LR,
         lr_warm_up_steps=50,
         lr_decay_steps=SAE_TRAIN_TOKENS // 4096 // 5,
