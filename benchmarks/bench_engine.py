@@ -25,6 +25,13 @@ Usage::
     python benchmarks/bench_engine.py                       # 16k and 256k tokens
     python benchmarks/bench_engine.py --tokens 16384 --batch-size 16 --out bench.json
     python benchmarks/bench_engine.py --side ours --tokens 16384   # one child run, prints one JSON line
+    python benchmarks/bench_engine.py --threads 1 --repeat 3       # a shared, busy machine: see below
+
+Speeds are reported per wall-clock second and per CPU second (user + system time
+of the run). On a machine other jobs are using, wall time varies with their load,
+and torch's default multi-threading makes it worse (OpenMP threads spin-wait for
+cores they do not get, which inflates the CPU time as well); ``--threads 1``
+with ``--repeat`` gives the comparison that holds up there.
 
 toy-eval may hold fewer tokens than asked for; the packed contexts are then
 repeated (cycled) to reach the count, and the output says so.
@@ -307,12 +314,32 @@ def child(side: str, n_tokens: int, args: argparse.Namespace) -> dict[str, Any]:
         cmd += ["--sae-id", args.sae_id]
     if args.quiet:
         cmd.append("--quiet")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     print(f"[bench] {side:8s} {n_tokens:>8d} tokens ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"child run failed ({' '.join(cmd)}): exit {proc.returncode}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1])
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """One record per (side, token count): medians of the speeds, the largest peak RSS."""
+    import statistics
+
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["side"], r["n_tokens"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        rec = dict(rs[0])
+        for field in ("elapsed_s", "tokens_per_s", "cpu_s", "tokens_per_cpu_s", "rss_before_mb"):
+            rec[field] = statistics.median(r[field] for r in rs)
+        rec["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
+        rec["n_repeats"] = len(rs)
+        out[key] = rec
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sides", nargs="+", default=["ours", "saelens"], choices=["ours", "saelens"])
     ap.add_argument("--out", default=None, help="write all results to this JSON file")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run (default: torch's default)")
+    ap.add_argument(
+        "--repeat", type=int, default=1,
+        help="time each (side, token count) this many times, the sides alternating, and report medians (for noisy, shared machines)",
+    )
     args = ap.parse_args(argv)
 
     from pytest_sae_transfer import zoo
@@ -336,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.side:
         import torch
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         result = run_ours(args) if args.side == "ours" else run_saelens(args)
         result["torch_threads"] = torch.get_num_threads()
         print(json.dumps(result), flush=True)
@@ -343,18 +377,21 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[dict[str, Any]] = []
     for n in args.tokens:
-        for side in args.sides:
-            res = child(side, n, args)
-            runs.append(res)
-            cyc = f" (toy-eval has {res['toy_eval_contexts_available']} contexts: cycled x{res['repeats']})" if res["cycled"] else ""
-            print(
-                f"[bench] {side:8s} {res['n_tokens']:>8d} tokens: {res['elapsed_s']:8.1f} s  "
-                f"{res['tokens_per_s']:9.0f} tok/s  {res['tokens_per_cpu_s']:9.0f} tok/CPU-s  peak RSS {res['peak_rss_mb']:7.0f} MB  "
-                f"load {res['loadavg_1min'][0]:.1f}->{res['loadavg_1min'][1]:.1f}{cyc}",
-                file=sys.stderr, flush=True,
-            )
+        for rep in range(args.repeat):
+            # alternate which side goes first, so that a drift in the machine's load hits both
+            for side in args.sides if rep % 2 == 0 else args.sides[::-1]:
+                res = child(side, n, args)
+                res["repeat"] = rep
+                runs.append(res)
+                cyc = f" (toy-eval has {res['toy_eval_contexts_available']} contexts: cycled x{res['repeats']})" if res["cycled"] else ""
+                print(
+                    f"[bench] {side:8s} {res['n_tokens']:>8d} tokens: {res['elapsed_s']:8.1f} s  "
+                    f"{res['tokens_per_s']:9.0f} tok/s  {res['tokens_per_cpu_s']:9.0f} tok/CPU-s  peak RSS {res['peak_rss_mb']:7.0f} MB  "
+                    f"load {res['loadavg_1min'][0]:.1f}->{res['loadavg_1min'][1]:.1f}{cyc}",
+                    file=sys.stderr, flush=True,
+                )
 
-    by = {(r["side"], r["n_tokens"]): r for r in runs}
+    by = aggregate(runs)
     counts = sorted({r["n_tokens"] for r in runs})
     summary: dict[str, Any] = {"speed_ratio": {}, "speed_ratio_cpu_time": {}, "targets": {}}
     print()
@@ -411,9 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     doc = {
-        "runs": runs, "summary": summary,
+        "runs": runs, "summary": summary, "aggregated": [by[k] for k in sorted(by)],
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-        "settings": {"batch_size": args.batch_size, "context_size": args.context_size, "finetune": args.finetune, "sae_id": args.sae_id or "standard"},
+        "settings": {
+            "batch_size": args.batch_size, "context_size": args.context_size, "finetune": args.finetune,
+            "sae_id": args.sae_id or "standard", "threads": args.threads, "repeat": args.repeat,
+        },
     }
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

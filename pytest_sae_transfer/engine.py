@@ -2,7 +2,10 @@
 
 For each batch and each model the engine runs the model once to the SAE's hook
 layer, encodes and decodes with the SAE, and continues from the hook layer for
-the clean, spliced and zero-ablated inputs together (one fused call when
+the clean and spliced inputs together (one fused call when
+``fuse_continuations``). The zero-ablated continuation is the same at every
+position of every context, so it runs once per model (see
+``_Runner.zero_ablation_ce``; per batch when that does not hold, or when not
 ``fuse_continuations``). CE and KL are computed from the final residual in row
 chunks, so full-vocabulary float32 logits never exist for a whole batch.
 
@@ -48,7 +51,7 @@ class EngineOptions:
     n_bootstrap: int = 1000
     seed: int = 0
     logits_chunk_elems: int = 1 << 24  # rows x vocab per log-softmax chunk
-    fuse_continuations: bool = True
+    fuse_continuations: bool = True  # False: each continuation alone, zero ablation per batch (a reference path)
     progress: bool | None = None  # None: only when stderr is a terminal
     progress_file: Any = None
     # Sequential: the base runs alone first and spills what the paired metrics need
@@ -104,6 +107,18 @@ class _Runner:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.softcap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
+        self._zero_ce: dict[int, torch.Tensor | None] = {}
+        self._work: torch.Tensor | None = None
+        # float32, TransformerLens's own Unembed and no hooks on it: the logits can be
+        # written into a buffer with the same arithmetic (residual @ W_U + b_U)
+        from transformer_lens.components import Unembed
+
+        unembed = model.unembed
+        self._plain_unembed = (
+            self.dtype == torch.float32
+            and type(unembed).forward is Unembed.forward
+            and not any(h._forward_hooks or h._forward_pre_hooks for h in (unembed.hook_in, unembed.hook_out))
+        )
 
     @torch.no_grad()
     def to_hook(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -121,37 +136,97 @@ class _Runner:
             resid = self.model.ln_final(resid)
         return resid
 
+    def _logits(self, final: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits of final-residual rows [rows, d_model], soft-capped as the model does.
+
+        With ``out`` (a float32 [rows, d_vocab_out] buffer) they are written there: on a
+        CPU, a fresh [rows, vocab] tensor per chunk costs more in page faults than the
+        arithmetic done on it.
+        """
+        unembed = self.model.unembed
+        if out is not None and self._plain_unembed:
+            logits = torch.addmm(unembed.b_U, final, unembed.W_U, out=out)
+        elif out is not None:
+            logits = out.copy_(unembed(final))
+        else:
+            logits = unembed(final).float()
+        if self.softcap > 0:
+            logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def _buffers(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Three float32 [rows, d_vocab_out] work buffers, kept between batches."""
+        vocab = self.model.cfg.d_vocab_out
+        if self._work is None or self._work.shape[1] < rows:
+            self._work = torch.empty(3, rows, vocab, dtype=torch.float32, device=self.device)
+        return self._work[0, :rows], self._work[1, :rows], self._work[2, :rows]
+
+    @torch.no_grad()
+    def zero_ablation_ce(self, T: int) -> torch.Tensor | None:
+        """The zero-ablated continuation's CE for every target id, [d_vocab_out], or None.
+
+        Zeroing the residual at the hook removes everything the tokens contributed, so
+        every position enters the later layers with the same vector; attention then
+        averages identical values (positional schemes only move the weights), and each
+        position leaves with the same final residual, in every context. It is computed
+        once per model, from one [1, T] run, instead of once per batch. The claim is
+        checked on that run: if the positions differ beyond float rounding (an
+        architecture that adds position-dependent values after the hook), None is
+        returned and the continuation runs per batch instead.
+        """
+        if T in self._zero_ce:
+            return self._zero_ce[T]
+        d_model = self.model.cfg.d_model
+        final = self._final_resid(torch.zeros(1, T, d_model, dtype=self.dtype, device=self.device))[0].float()
+        ref = final[0]
+        tol = 1e-4 if self.dtype in (torch.float32, torch.float64) else 2e-2
+        scale = float(ref.abs().max()) if bool(torch.isfinite(ref).all()) else float("nan")
+        spread = float((final - ref).abs().max())
+        table: torch.Tensor | None = None
+        if math.isfinite(scale) and spread <= tol * max(scale, 1e-6):
+            logits = self._logits(ref.to(self.dtype).unsqueeze(0))[0]
+            table = torch.logsumexp(logits, dim=-1) - logits
+        self._zero_ce[T] = table
+        return table
+
     @torch.no_grad()
     def continuations(
         self, tokens: torch.Tensor, x_clean: torch.Tensor, x_spliced: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ce_clean, ce_spliced, ce_zero) as [B, T-1] and KL(clean‖spliced) as [B, T]."""
-        inputs = (x_clean, x_spliced.to(self.dtype), torch.zeros_like(x_clean))
+        B, T = tokens.shape
+        targets = torch.roll(tokens, shifts=-1, dims=1).reshape(B * T).to(self.device)
+        zero_ce = self.zero_ablation_ce(T) if self.fuse else None
+        inputs = [x_clean, x_spliced.to(self.dtype)]
+        if zero_ce is None:
+            inputs.append(torch.zeros_like(x_clean))
         if self.fuse:
-            finals = self._final_resid(torch.cat(inputs, dim=0)).chunk(3, dim=0)
+            finals = self._final_resid(torch.cat(inputs, dim=0)).chunk(len(inputs), dim=0)
         else:
             finals = tuple(self._final_resid(x) for x in inputs)
-        B, T = tokens.shape
         d = finals[0].shape[-1]
         flat = [f.reshape(B * T, d) for f in finals]
-        targets = torch.roll(tokens, shifts=-1, dims=1).reshape(B * T).to(self.device)
         ce = torch.empty(3, B * T, dtype=torch.float32, device=self.device)
         kl = torch.empty(B * T, dtype=torch.float32, device=self.device)
+        if zero_ce is not None:
+            ce[2] = zero_ce[targets]
         vocab = self.model.cfg.d_vocab_out
         rows = max(1, self.chunk_elems // max(1, vocab))
         for start in range(0, B * T, rows):
             sl = slice(start, start + rows)
+            n = flat[0][sl].shape[0]
             tgt = targets[sl].unsqueeze(1)
-            log_probs = []
-            for i, f in enumerate(flat):
-                logits = self.model.unembed(f[sl]).float()
-                if self.softcap > 0:
-                    logits = self.softcap * torch.tanh(logits / self.softcap)
-                lp = logits.log_softmax(-1)
-                ce[i, sl] = -lp.gather(1, tgt).squeeze(1)
-                log_probs.append(lp if i < 2 else None)
-            lp_clean, lp_spliced = log_probs[0], log_probs[1]
-            kl[sl] = (lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1)
+            logits, lp_clean, lp_spliced = self._buffers(min(rows, B * T))
+            logits, lp_clean, lp_spliced = logits[:n], lp_clean[:n], lp_spliced[:n]
+            torch.log_softmax(self._logits(flat[0][sl], out=logits), -1, out=lp_clean)
+            torch.log_softmax(self._logits(flat[1][sl], out=logits), -1, out=lp_spliced)
+            ce[0, sl] = -lp_clean.gather(1, tgt).squeeze(1)
+            ce[1, sl] = -lp_spliced.gather(1, tgt).squeeze(1)
+            if zero_ce is None:
+                ce[2, sl] = -self._logits(flat[2][sl]).log_softmax(-1).gather(1, tgt).squeeze(1)
+            # KL(clean‖spliced) = Σ_v p_clean (log p_clean − log p_spliced), all in place
+            log_ratio = lp_spliced.neg_().add_(lp_clean)
+            kl[sl] = log_ratio.mul_(lp_clean.exp_()).sum(-1)
         ce = ce.reshape(3, B, T)[:, :, :-1]
         return ce[0], ce[1], ce[2], kl.reshape(B, T)
 

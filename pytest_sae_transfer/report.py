@@ -13,10 +13,12 @@ from metric key to ``[lo, hi]``. Metric values themselves stay plain numbers.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -334,6 +336,7 @@ def _stage(path: Path, write: Any, binary: bool = False) -> Path:
     """Write a whole, fsynced temporary file beside ``path``; removed again if anything fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
@@ -344,6 +347,25 @@ def _stage(path: Path, write: Any, binary: bool = False) -> Path:
         _unlink_quietly(Path(tmp))
         raise
     return Path(tmp)
+
+
+#: A temporary file this old beside a report was left by a killed writer (a live
+#: writer finishes within seconds), so the next write of that report removes it.
+STALE_TEMP_AGE_S = 3600.0
+
+
+def _sweep_stale_temps(path: Path, older_than: float = STALE_TEMP_AGE_S) -> int:
+    """Remove ``.{name}.*.tmp`` files beside ``path`` left by a writer that was killed."""
+    removed = 0
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > older_than:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def _unlink_quietly(path: Path) -> None:

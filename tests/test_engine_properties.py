@@ -210,6 +210,53 @@ def test_batch_size_does_not_change_results(seed, batch_sizes, mode, tmp_path_fa
 
 
 # --------------------------------------------------------------------------
+# the zero-ablated continuation, computed once per model
+# --------------------------------------------------------------------------
+
+
+def _per_token_zero_ablation_ce(model: Any, layer: int, toks: torch.Tensor) -> torch.Tensor:
+    """TransformerLens's own per-token loss with the hook activation zeroed: [B, T-1]."""
+    zeros = torch.zeros(*toks.shape, model.cfg.d_model)
+    with torch.no_grad():
+        return model(zeros, start_at_layer=layer, tokens=toks, return_type="loss", loss_per_token=True)
+
+
+@FEW
+@given(seed=st.integers(0, 3), ctx=st.integers(2, 16))
+def test_zero_ablation_shortcut_matches_the_full_continuation(seed, ctx):
+    """The once-per-model zero-ablation CE equals TransformerLens's per-batch loss at every token."""
+    base, _ = pair(seed)
+    toks = tokens(seed, n_ctx=5, ctx=16)[:, :ctx]
+    runner = engine_mod._Runner(base, 1, 1 << 24, True)
+    table = runner.zero_ablation_ce(ctx)
+    assert table is not None and table.shape == (base.cfg.d_vocab_out,)
+    x = runner.to_hook(toks)
+    _, _, ce_zero, _ = runner.continuations(toks, x, x)
+    np.testing.assert_allclose(ce_zero.numpy(), _per_token_zero_ablation_ce(base, 1, toks).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_ablation_falls_back_per_batch_when_positions_differ():
+    """A model that adds a position-dependent vector after the hook breaks the shortcut's
+    premise: the runner must notice and run the zero-ablated continuation per batch."""
+    base = copy.deepcopy(pair(0)[0])
+    gen = torch.Generator().manual_seed(5)
+    by_position = torch.randn(base.cfg.n_ctx, base.cfg.d_model, generator=gen)
+    base.add_hook("blocks.1.hook_resid_pre", lambda resid, hook: resid + by_position[: resid.shape[1]])
+    try:
+        toks = tokens(0)
+        runner = engine_mod._Runner(base, 1, 1 << 24, True)
+        assert runner.zero_ablation_ce(toks.shape[1]) is None
+        x = runner.to_hook(toks)
+        _, _, ce_zero, _ = runner.continuations(toks, x, x)
+        np.testing.assert_allclose(ce_zero.numpy(), _per_token_zero_ablation_ce(base, 1, toks).numpy(), rtol=1e-5, atol=1e-6)
+        # the positions really differ after a zero residual, so one shared row would be wrong
+        final = runner._final_resid(torch.zeros(1, toks.shape[1], base.cfg.d_model))[0]
+        assert float((final - final[0]).abs().max()) > 0.1 * float(final[0].abs().max())
+    finally:
+        base.reset_hooks(including_permanent=True)
+
+
+# --------------------------------------------------------------------------
 # feature permutation
 # --------------------------------------------------------------------------
 

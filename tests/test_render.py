@@ -600,3 +600,24 @@ def test_round_trip_without_sidecar_still_renders(report: TransferReport, tmp_pa
     paths = render.write_report_dir(again, tmp_path / "out", strict=True)
     kinds = {k.rsplit("/", 1)[1] for k in paths if "/" in k}
     assert kinds == {"resid_cosine_by_position", "resid_euclidean_by_position", "weight_deviation"}
+
+
+def test_atomic_write_removes_stale_temporaries_of_a_killed_writer(tmp_path: Path) -> None:
+    """A writer killed mid-write leaves a hidden ``.r.json.*.tmp``; the next write of
+    r.json removes it once it is over an hour old, and leaves a fresh one (a live writer) alone."""
+    from pytest_sae_transfer.report import STALE_TEMP_AGE_S, atomic_write
+
+    stale = tmp_path / ".r.json.abc123.tmp"
+    live = tmp_path / ".r.json.def456.tmp"
+    other = tmp_path / ".other.json.abc123.tmp"  # another file's temporary: not ours to judge
+    for p in (stale, live, other):
+        p.write_text("{partial", encoding="utf-8")
+    old = os.path.getmtime(stale) - STALE_TEMP_AGE_S - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+
+    atomic_write(tmp_path / "r.json", lambda fh: fh.write("{}"))
+
+    assert (tmp_path / "r.json").read_text(encoding="utf-8") == "{}"
+    assert not stale.exists()
+    assert live.exists() and other.exists()

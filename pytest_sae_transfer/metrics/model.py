@@ -105,8 +105,9 @@ class ModelAccumulator:
         ev = evaluated.unsqueeze(-1)
         feats = torch.where(ev, batch.feats, 0.0)
         active = feats != 0
-        stats[:, L0_SUM] = active.sum((1, 2), dtype=f64)
-        self.fire_count += active.sum((0, 1), dtype=f64).cpu()
+        # integer counts (exact, and cheaper than summing the mask as float64)
+        stats[:, L0_SUM] = active.sum((1, 2)).to(f64)
+        self.fire_count += active.sum((0, 1)).to(device="cpu", dtype=f64)
         nonzero = feats[active].abs().clamp_min(1e-30).log10().to(f64)
         lo, hi = float(ACT_LOG10_EDGES[0]), float(ACT_LOG10_EDGES[-1])
         n_bins = len(ACT_LOG10_EDGES) - 1

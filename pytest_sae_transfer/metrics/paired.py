@@ -79,10 +79,14 @@ class PairedAccumulator:
         self.sum_aa += (a * a).sum(0, dtype=f64).cpu()
         self.sum_bb += (b * b).sum(0, dtype=f64).cpu()
         self.sum_ab += (a * b).sum(0, dtype=f64).cpu()
-        # The SPEC's dead-feature error: log10 of the (non-negative) activation plus ε.
-        log_a = a.clamp_min(0).to(f64).add_(LOG_EPS).log10_()
-        log_b = b.clamp_min(0).to(f64).add_(LOG_EPS).log10_()
-        self.sum_log_err += (log_a - log_b).abs_().sum(0).cpu()
+        # The SPEC's dead-feature error: |log10(max(a,0)+ε) − log10(max(b,0)+ε)|, summed per
+        # feature. Where neither activation is positive the term is exactly 0, so only the
+        # (sparse) entries where one is positive are evaluated.
+        rows, cols = ((a > 0) | (b > 0)).nonzero(as_tuple=True)
+        log_a = a[rows, cols].clamp_min(0).to(f64).add_(LOG_EPS).log10_()
+        log_b = b[rows, cols].clamp_min(0).to(f64).add_(LOG_EPS).log10_()
+        log_err = torch.zeros(self.d_sae, dtype=f64, device=a.device).index_add_(0, cols, log_a.sub_(log_b).abs_())
+        self.sum_log_err += log_err.cpu()
 
     def context_table(self) -> torch.Tensor:
         return self._context_stats.table()
