@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .metrics.bootstrap import model_intervals, paired_intervals, resample_weights
+from .metrics.bootstrap import Resampler, model_intervals, paired_intervals
 from .metrics.model import ModelAccumulator, ModelBatch
 from .metrics.paired import P_COS, P_EUC, P_N, PairedAccumulator
 from .metrics.stats import LOG_EPS, pearson_from_sums, rowwise_pearson
@@ -479,7 +479,7 @@ def run_transfer(
             bar.close()
     elapsed = time.perf_counter() - started
 
-    weights = resample_weights(n_ctx, options.n_bootstrap, options.seed) if options.n_bootstrap > 0 else None
+    weights = Resampler(n_ctx, options.n_bootstrap, options.seed) if options.n_bootstrap > 0 else None
 
     if base_state is None:
         assert base_acc is not None

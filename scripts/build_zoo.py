@@ -113,8 +113,12 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "toy-code": dict(steps=400, lr=3e-3, warmup=20, min_lr_frac=0.3, wd=0.0),
 }
 SAE_TRAIN_TOKENS = 1_500_000
-SAE_L1 = 5.0
-SAE_LR = 1e-3
+SAE_L1 = 1.7
+SAE_LR = 3e-3
+# Short windows: a feature silent for 50 steps counts as dead (it feeds TopK's
+# auxiliary loss and the L1 SAE's dead-feature statistics) over a ~366-step run.
+SAE_DEAD_FEATURE_WINDOW = 50
+SAE_FEATURE_SAMPLING_WINDOW = 100
 SAE_TOPK_K = 16
 D_SAE = 1024
 
@@ -641,6 +645,8 @@ def train_sae(model, train_rows, arch: str, out_dir: Path, work: Path, special_i
         store_batch_size_prompts=32,
         n_batches_in_buffer=64,  # x context_size = 8192 tokens; must be >= train_batch_size_tokens (4096), else sae_lens raises
         lr=SAE_LR,
+        dead_feature_window=SAE_DEAD_FEATURE_WINDOW,
+        feature_sampling_window=SAE_FEATURE_SAMPLING_WINDOW,
         lr_warm_up_steps=50,
         lr_decay_steps=SAE_TRAIN_TOKENS // 4096 // 5,
         lr_scheduler_name="constant",

@@ -312,10 +312,9 @@ def test_base_is_better_on_prose_than_on_code(losses):
 def test_standard_sae_reconstructs_base(torch, models, eval_tokens, special_ids, saes):
     x = _acts(torch, models["toy-base"], eval_tokens["prose"], special_ids)
     ev, l0 = _sae_metrics(torch, saes[STANDARD_ID], x)
-    # Measured 0.58 on this sample (0.61 with the engine's masking): the L1 SAE explains
-    # well over half the variance at L0 ~ 37, and recovers ~90% of the CE the zero
-    # ablation loses. (The TopK SAE below reaches ~0.84.)
-    assert ev >= 0.5, ev
+    # Measured 0.816 on this sample (0.833 with the engine's masking, at L0 ~ 49, and
+    # ~98% of the CE that zero ablation loses recovered). The TopK SAE below: 0.853.
+    assert ev >= 0.78, ev
     assert 5 <= l0 <= 80, l0
 
 
@@ -323,7 +322,7 @@ def test_topk_sae_reconstructs_base(torch, models, eval_tokens, special_ids, sae
     x = _acts(torch, models["toy-base"], eval_tokens["prose"], special_ids)
     ev, l0 = _sae_metrics(torch, saes[TOPK_ID], x)
     assert l0 <= 16 + 1e-6, l0
-    assert ev >= 0.7, ev
+    assert ev >= 0.8, ev
 
 
 def test_base_sae_transfers_to_prose_but_not_code(torch, models, eval_tokens, special_ids, saes):
@@ -335,7 +334,7 @@ def test_base_sae_transfers_to_prose_but_not_code(torch, models, eval_tokens, sp
         for n in ("toy-base", "toy-prose", "toy-code")
     }
     assert ev["toy-prose"] >= ev["toy-base"] - 0.05, ev
-    assert ev["toy-code"] <= ev["toy-prose"] - 0.2, ev
+    assert ev["toy-code"] <= ev["toy-prose"] - 0.3, ev  # measured 0.41 vs 0.83
 
 
 def test_sae_cfg_metadata():

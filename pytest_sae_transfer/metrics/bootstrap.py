@@ -2,11 +2,17 @@
 
 Resampling whole contexts with replacement is a matrix of multiplicities
 W [n_boot, C]; each replicate's sums are then W @ table, and the metric formulas
-are applied to all replicates at once. The generator is seeded, so the same
-contexts and seed give the same interval.
+are applied to a block of replicates at once. W is never held whole: it is drawn
+in blocks of BLOCK replicates, so memory is O(BLOCK x C) however many
+replicates are asked for. The generator is seeded and the blocks are drawn in
+order, so the same contexts and seed give the same interval, and every model
+and pair of one run sees the same resamples.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
 
 import torch
 
@@ -29,13 +35,28 @@ MODEL_CI_KEYS = (
 PAIRED_CI_KEYS = ("resid_cosine_mean", "resid_euclidean_mean")
 
 
-def resample_weights(n_contexts: int, n_boot: int, seed: int) -> torch.Tensor:
-    """[n_boot, n_contexts] float64 multiplicities of a with-replacement resample."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n_contexts, (n_boot, n_contexts), generator=gen)
-    weights = torch.zeros(n_boot, n_contexts, dtype=torch.float64)
-    weights.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
-    return weights
+#: Replicates per block of the multiplicity matrix.
+BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Resampler:
+    """The seeded with-replacement resamples of ``n_contexts`` contexts, drawn anew
+    (and identically) for every use, ``BLOCK`` replicates at a time."""
+
+    n_contexts: int
+    n_boot: int
+    seed: int
+
+    def blocks(self) -> Iterator[torch.Tensor]:
+        """[<= BLOCK, n_contexts] float64 multiplicities, n_boot rows in all."""
+        gen = torch.Generator().manual_seed(self.seed)
+        for start in range(0, self.n_boot, BLOCK):
+            rows = min(BLOCK, self.n_boot - start)
+            idx = torch.randint(0, self.n_contexts, (rows, self.n_contexts), generator=gen)
+            weights = torch.zeros(rows, self.n_contexts, dtype=torch.float64)
+            weights.scatter_add_(1, idx, torch.ones(rows, self.n_contexts, dtype=torch.float64))
+            yield weights
 
 
 def _interval(samples: torch.Tensor) -> list[float] | None:
@@ -47,25 +68,31 @@ def _interval(samples: torch.Tensor) -> list[float] | None:
 
 
 def model_intervals(
-    stats: torch.Tensor, sum_x: torch.Tensor, weights: torch.Tensor, with_losses: bool = True
+    stats: torch.Tensor, sum_x: torch.Tensor, resampler: Resampler, with_losses: bool = True
 ) -> dict[str, list[float]]:
-    reps = scalar_metrics(weights @ stats, weights @ sum_x, sum_x.shape[1])
-    out: dict[str, list[float]] = {}
-    for key in MODEL_CI_KEYS:
-        if not with_losses and (key.startswith("ce_") or key.startswith("kl_")):
-            continue
-        interval = _interval(reps[key])
-        if interval is not None:
-            out[key] = interval
-    return out
+    keys = [k for k in MODEL_CI_KEYS if with_losses or not (k.startswith("ce_") or k.startswith("kl_"))]
+    samples: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+    for weights in resampler.blocks():
+        reps = scalar_metrics(weights @ stats, weights @ sum_x, sum_x.shape[1])
+        for key in keys:
+            samples[key].append(reps[key])
+    return _intervals(samples)
 
 
-def paired_intervals(table: torch.Tensor, weights: torch.Tensor) -> dict[str, list[float]]:
-    sums = weights @ table
-    n = sums[:, P_N].clamp_min(1e-300)
+def paired_intervals(table: torch.Tensor, resampler: Resampler) -> dict[str, list[float]]:
+    samples: dict[str, list[torch.Tensor]] = {"resid_cosine_mean": [], "resid_euclidean_mean": []}
+    for weights in resampler.blocks():
+        sums = weights @ table
+        n = sums[:, P_N].clamp_min(1e-300)
+        samples["resid_cosine_mean"].append(sums[:, P_COS] / n)
+        samples["resid_euclidean_mean"].append(sums[:, P_EUC] / n)
+    return _intervals(samples)
+
+
+def _intervals(samples: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
-    for key, col in (("resid_cosine_mean", P_COS), ("resid_euclidean_mean", P_EUC)):
-        interval = _interval(sums[:, col] / n)
+    for key, parts in samples.items():
+        interval = _interval(torch.cat(parts)) if parts else None
         if interval is not None:
             out[key] = interval
     return out
