@@ -138,7 +138,7 @@ def load_model(name: str, device: str = "cpu", dtype: "torch.dtype | str" = "flo
             f"toy-zoo model {name!r} does not match its config: missing={sorted(set(missing) - buffers)}, "
             f"unexpected={sorted(unexpected)}"
         )
-    model.to(device)
+    model.to(device, print_details=False)  # no "Moving model to device" line
     model.eval()
     return model
 
