@@ -109,14 +109,13 @@ class _Runner:
         self.softcap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
         self._zero_ce: dict[int, torch.Tensor | None] = {}
         self._work: torch.Tensor | None = None
-        # float32, TransformerLens's own Unembed and no hooks on it: the logits can be
-        # written into a buffer with the same arithmetic (residual @ W_U + b_U)
+        # TransformerLens's own Unembed with no hooks on it: the logits can be computed
+        # with the same arithmetic (residual @ W_U + b_U) directly, into a buffer
         from transformer_lens.components import Unembed
 
         unembed = model.unembed
         self._plain_unembed = (
-            self.dtype == torch.float32
-            and type(unembed).forward is Unembed.forward
+            type(unembed).forward is Unembed.forward
             and not any(h._forward_hooks or h._forward_pre_hooks for h in (unembed.hook_in, unembed.hook_out))
         )
 
@@ -144,12 +143,15 @@ class _Runner:
         arithmetic done on it.
         """
         unembed = self.model.unembed
-        if out is not None and self._plain_unembed:
+        if not self._plain_unembed:
+            logits = unembed(final).float() if out is None else out.copy_(unembed(final))
+        elif self.dtype == torch.float32 and out is not None:
             logits = torch.addmm(unembed.b_U, final, unembed.W_U, out=out)
-        elif out is not None:
-            logits = out.copy_(unembed(final))
         else:
-            logits = unembed(final).float()
+            # TransformerLens's Unembed copies W_U.T.contiguous() on every call: for a
+            # 256k vocabulary that is a GB of traffic per chunk, more than the matmul.
+            logits = torch.addmm(unembed.b_U, final, unembed.W_U)
+            logits = logits.float() if out is None else out.copy_(logits)
         if self.softcap > 0:
             logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
