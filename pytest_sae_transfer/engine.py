@@ -214,12 +214,12 @@ class _Runner:
             ce[2] = zero_ce[targets]
         vocab = self.model.cfg.d_vocab_out
         rows = max(1, self.chunk_elems // max(1, vocab))
+        buffers = self._buffers(min(rows, B * T))
         for start in range(0, B * T, rows):
             sl = slice(start, start + rows)
             n = flat[0][sl].shape[0]
             tgt = targets[sl].unsqueeze(1)
-            logits, lp_clean, lp_spliced = self._buffers(min(rows, B * T))
-            logits, lp_clean, lp_spliced = logits[:n], lp_clean[:n], lp_spliced[:n]
+            logits, lp_clean, lp_spliced = (buf[:n] for buf in buffers)
             torch.log_softmax(self._logits(flat[0][sl], out=logits), -1, out=lp_clean)
             torch.log_softmax(self._logits(flat[1][sl], out=logits), -1, out=lp_spliced)
             ce[0, sl] = -lp_clean.gather(1, tgt).squeeze(1)

@@ -61,6 +61,14 @@ def is_zoo_dataset(name: str) -> bool:
     return _zoo_has(zoo.is_zoo_dataset, name)
 
 
+def zoo_release_names() -> list[str]:
+    """The zoo's SAE releases; none when the zoo is missing."""
+    try:
+        return zoo.release_names()
+    except FileNotFoundError:
+        return []
+
+
 def nearest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean 'x' or 'y'?)' or '' when nothing is close."""
     matches = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
@@ -259,7 +267,7 @@ def load_sae(
         return LoadedSAE(sae, "zoo", release, sae_id or directory.name, str(directory), file_identity(directory.iterdir()))
     releases = registry_releases()
     if release not in releases:
-        known = list(releases) + (zoo.release_names() if is_zoo_release('toy-res') else [])
+        known = list(releases) + zoo_release_names()
         raise LoadError(f"unknown SAE release {release!r}{nearest(release, known)}; see sae_lens's pretrained_saes.yaml for the registry, or use --sae-path for a local SAE")
     ids = registry_sae_ids(release)
     if sae_id is None:

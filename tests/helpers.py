@@ -49,3 +49,11 @@ def random_tokens(n_ctx: int, ctx: int, d_vocab: int = 100, seed: int = 0, bos: 
     toks = torch.randint(3, d_vocab, (n_ctx, ctx), generator=gen)
     toks[:, 0] = bos
     return toks
+
+
+def zero_ablation_loss_per_token(model, layer: int, toks: torch.Tensor) -> torch.Tensor:
+    """TransformerLens's own per-token loss with the hook activation zeroed: [B, T-1]
+    (the reference for the engine's once-per-model zero-ablation CE)."""
+    zeros = torch.zeros(*toks.shape, model.cfg.d_model)
+    with torch.no_grad():
+        return model(zeros, start_at_layer=layer, tokens=toks, return_type="loss", loss_per_token=True)

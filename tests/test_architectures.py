@@ -241,6 +241,8 @@ def test_bfloat16(archs, ids):
 
 HALF_PRECISION_KEYS = ("ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation", "kl_div_spliced", "l0",
                        "explained_variance", "cossim")
+#: measured worst relative differences: bf16 1.6e-3 (kl_div_spliced), fp16 5.7e-4 (l0)
+HALF_REL = {"bfloat16": 1e-2, "float16": 2e-3}
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -279,9 +281,6 @@ def test_engine_in_half_precision(dtype, archs, work):
     assert got_p["resid_cosine_mean"] == pytest.approx(want_p["resid_cosine_mean"], rel=HALF_REL[dtype])
 
 
-#: measured worst relative differences: bf16 1.6e-3 (kl_div_spliced), fp16 5.7e-4 (l0)
-HALF_REL = {"bfloat16": 1e-2, "float16": 2e-3}
-
 
 def test_gemma2_local_checkpoint(tok, work, ids):
     """Gemma-2 (TransformerLens configures it by official name only): alternating sliding-window
@@ -303,6 +302,8 @@ def _check_zero_ablation_shortcut(model, hook: str, toks: torch.Tensor) -> None:
     """The engine computes the zero-ablated continuation once per model (every position
     leaves a zero residual with the same final vector): it must hold for this architecture
     and equal TransformerLens's own per-token loss with the hook activation zeroed."""
+    from helpers import zero_ablation_loss_per_token
+
     from pytest_sae_transfer.engine import _Runner, hook_layer
 
     layer = hook_layer(hook, model.cfg.n_layers)
@@ -310,10 +311,7 @@ def _check_zero_ablation_shortcut(model, hook: str, toks: torch.Tensor) -> None:
     assert runner.zero_ablation_ce(toks.shape[1]) is not None, "positions differ after a zeroed residual"
     x = runner.to_hook(toks)
     ce_zero = runner.continuations(toks, x, x)[2]
-    zeros = torch.zeros(*toks.shape, model.cfg.d_model)
-    with torch.no_grad():
-        ref = model(zeros, start_at_layer=layer, tokens=toks, return_type="loss", loss_per_token=True)
-    torch.testing.assert_close(ce_zero, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce_zero, zero_ablation_loss_per_token(model, layer, toks), rtol=1e-5, atol=1e-5)
 
 
 # -- architecture and tokenizer mismatches --------------------------------------------

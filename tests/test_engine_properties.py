@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import random_tokens, tiny_pair, tiny_sae
+from helpers import random_tokens, tiny_pair, tiny_sae, zero_ablation_loss_per_token
 from pytest_sae_transfer import engine as engine_mod
 from pytest_sae_transfer.engine import EngineOptions, evaluate_transfer, run_transfer
 
@@ -214,13 +214,6 @@ def test_batch_size_does_not_change_results(seed, batch_sizes, mode, tmp_path_fa
 # --------------------------------------------------------------------------
 
 
-def _per_token_zero_ablation_ce(model: Any, layer: int, toks: torch.Tensor) -> torch.Tensor:
-    """TransformerLens's own per-token loss with the hook activation zeroed: [B, T-1]."""
-    zeros = torch.zeros(*toks.shape, model.cfg.d_model)
-    with torch.no_grad():
-        return model(zeros, start_at_layer=layer, tokens=toks, return_type="loss", loss_per_token=True)
-
-
 @FEW
 @given(seed=st.integers(0, 3), ctx=st.integers(2, 16))
 def test_zero_ablation_shortcut_matches_the_full_continuation(seed, ctx):
@@ -232,7 +225,7 @@ def test_zero_ablation_shortcut_matches_the_full_continuation(seed, ctx):
     assert table is not None and table.shape == (base.cfg.d_vocab_out,)
     x = runner.to_hook(toks)
     _, _, ce_zero, _ = runner.continuations(toks, x, x)
-    np.testing.assert_allclose(ce_zero.numpy(), _per_token_zero_ablation_ce(base, 1, toks).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ce_zero.numpy(), zero_ablation_loss_per_token(base, 1, toks).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_zero_ablation_falls_back_per_batch_when_positions_differ():
@@ -248,7 +241,7 @@ def test_zero_ablation_falls_back_per_batch_when_positions_differ():
         assert runner.zero_ablation_ce(toks.shape[1]) is None
         x = runner.to_hook(toks)
         _, _, ce_zero, _ = runner.continuations(toks, x, x)
-        np.testing.assert_allclose(ce_zero.numpy(), _per_token_zero_ablation_ce(base, 1, toks).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ce_zero.numpy(), zero_ablation_loss_per_token(base, 1, toks).numpy(), rtol=1e-5, atol=1e-6)
         # the positions really differ after a zero residual, so one shared row would be wrong
         final = runner._final_resid(torch.zeros(1, toks.shape[1], base.cfg.d_model))[0]
         assert float((final - final[0]).abs().max()) > 0.1 * float(final[0].abs().max())

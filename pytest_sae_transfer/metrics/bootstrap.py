@@ -80,12 +80,13 @@ def model_intervals(
 
 
 def paired_intervals(table: torch.Tensor, resampler: Resampler) -> dict[str, list[float]]:
-    samples: dict[str, list[torch.Tensor]] = {"resid_cosine_mean": [], "resid_euclidean_mean": []}
+    columns = dict(zip(PAIRED_CI_KEYS, (P_COS, P_EUC)))
+    samples: dict[str, list[torch.Tensor]] = {key: [] for key in PAIRED_CI_KEYS}
     for weights in resampler.blocks():
         sums = weights @ table
         n = sums[:, P_N].clamp_min(1e-300)
-        samples["resid_cosine_mean"].append(sums[:, P_COS] / n)
-        samples["resid_euclidean_mean"].append(sums[:, P_EUC] / n)
+        for key, col in columns.items():
+            samples[key].append(sums[:, col] / n)
     return _intervals(samples)
 
 
