@@ -335,7 +335,7 @@ def _resolve(repo_id: str, what: str, display: str, how: str = _HOW_MODEL) -> tu
             if (isinstance(status, int) and status < 500) or "ProxyError" in _names(exc):
                 raise _hub_error(exc, what, display, how) from None
             # unreachable or down: fall back on the cache, like huggingface_hub's resolve_revision
-    commit = _cached_commit(repo_id)
+    commit = cached_commit(repo_id)
     if commit is None:
         raise LoadError(offline_message(what, display, how))
     return commit, True
@@ -360,8 +360,12 @@ def hub_repo_id(name: str) -> str:
     return _tl_official_name(name) or name
 
 
-def _cached_commit(repo_id: str, revision: str = "main") -> str | None:
-    """The commit the local HF cache records for ``repo_id``'s ``revision`` (no network)."""
+def cached_commit(repo_id: str, revision: str = "main") -> str | None:
+    """The commit the local HF cache records for ``repo_id``'s ``revision`` (no network).
+
+    The cache is where huggingface_hub puts it (HF_HUB_CACHE, else HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub), read from its own constants rather than recomputed.
+    """
     try:
         from huggingface_hub import constants
 

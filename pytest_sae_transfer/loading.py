@@ -599,18 +599,7 @@ def model_identity(name: str) -> str:
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".bin", ".model")]
         return "local:" + file_identity(files)
-    from .hf import hub_repo_id
+    from .hf import cached_commit, hub_repo_id
 
     repo_id = hub_repo_id(name)  # a TransformerLens alias ('gemma-2b') names the repo 'google/gemma-2b'
-    return f"hub:{repo_id}@{_cached_revision(repo_id) or 'unresolved'}"
-
-
-def _cached_revision(repo_id: str) -> str | None:
-    hub_cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub"
-    )
-    ref = Path(hub_cache) / ("models--" + repo_id.replace("/", "--")) / "refs" / "main"
-    try:
-        return ref.read_text().strip() or None
-    except OSError:
-        return None
+    return f"hub:{repo_id}@{cached_commit(repo_id) or 'unresolved'}"

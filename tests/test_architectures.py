@@ -793,3 +793,21 @@ def test_pytest_gate_on_tiny_study_pair(arch, _children, archs):
     assert any("finetune has 513 vocabulary rows, base 512; the 1 extra row is ignored" in n for n in xrow["notes"]), xrow["notes"]
     assert xrow["paired"]["n_shared_vocab"] == 512
     assert (kid.cwd / report["features_file"]).is_file()
+
+
+@pytest.mark.parametrize("variable", ["HF_HOME", "XDG_CACHE_HOME", "HF_HUB_CACHE"])
+def test_cache_key_follows_the_cached_hub_commit(tmp_path, variable):
+    """The result-cache key of a hub model names the commit its local HF cache records, wherever
+    huggingface_hub keeps that cache: set by HF_HUB_CACHE, HF_HOME or only XDG_CACHE_HOME."""
+    root = tmp_path / "cache-root"
+    hub = {"HF_HOME": root / "hub", "XDG_CACHE_HOME": root / "huggingface" / "hub", "HF_HUB_CACHE": root}[variable]
+    refs = hub / "models--owner--some-finetune" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("0123abcd" * 5)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "XDG_CACHE_HOME", "HF_HUB_CACHE")}
+    env[variable] = str(root)
+    # A fresh interpreter: huggingface_hub reads these variables once, when it is imported.
+    code = "from pytest_sae_transfer.loading import model_identity; print(model_identity('owner/some-finetune'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "hub:owner/some-finetune@" + "0123abcd" * 5
