@@ -11,14 +11,16 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pytest
+
+from .errors import InputError
 
 ENV_PREFIX = "PYTEST_SAE_"
 
 
-class ConfigError(Exception):
+class ConfigError(InputError):
     """An option value is invalid; the message names the option and what would be right."""
 
 
@@ -298,9 +300,3 @@ def from_marker(base: RunConfig, kwargs: dict[str, Any], where: str = "") -> Run
     except ConfigError as exc:
         raise ConfigError(f"{where}{exc}") from None
 
-
-def option_names() -> Sequence[str]:
-    return [o.flag for o in OPTIONS]
-
-
-Converter = Callable[[Any], Any]

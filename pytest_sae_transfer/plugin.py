@@ -1,4 +1,4 @@
-"""pytest wiring: options, the built-in gate, fixtures, the marker and the reports.
+"""pytest wiring: hooks that hand off to the run's state, and the fixtures.
 
 Nothing here imports torch: ``pytest --help`` and runs without ``--finetune``
 stay as light as pytest itself.
@@ -6,30 +6,17 @@ stay as light as pytest itself.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from typing import Any
+import contextlib
+from typing import Any, Callable, Iterator
 
 import pytest
 
 from . import config as config_mod
-from .gate import (
-    SKIP_NO_FINETUNE,
-    GateCollector,
-    GateItem,
-    InputError,
-    PluginState,
-    Target,
-    merge_reports,
-    order_like,
-    write_outputs,
-)
+from .errors import InputError
+from .gate import SKIP_NO_FINETUNE, GateItem, gate_items
+from .state import STATE_KEY, PluginState, Target
 
 pytest.register_assert_rewrite("pytest_sae_transfer.assertions")
-
-STATE_KEY = pytest.StashKey[PluginState]()
 
 #: Fixtures that need a configuration; tests using any of them get parametrized.
 TARGET_FIXTURES = frozenset({"sae_transfer_config", "sae_transfer_session", "sae", "base_model", "sae_tokens",
@@ -42,6 +29,15 @@ MARKER_HELP = (
 )
 
 
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """Bad input found before any test runs: pytest's usage error (exit 4), one message, no traceback."""
+    try:
+        yield
+    except InputError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     config_mod.add_options(parser)
 
@@ -49,21 +45,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
-    try:
+    with _usage_errors():
         run_config = config_mod.resolve(config)
-    except config_mod.ConfigError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    profile = None
-    if run_config.active or run_config.thresholds:
-        from .thresholds import ProfileError, load_profile, profile_for_release
-
-        try:
-            profile = load_profile(run_config.thresholds or profile_for_release(run_config.sae_release))
-        except ProfileError as exc:
-            raise pytest.UsageError(str(exc)) from None
+        config.stash[STATE_KEY] = PluginState(config, run_config)
     if run_config.active:
         _group_finetunes_per_worker(config)
-    config.stash[STATE_KEY] = PluginState(config, run_config, profile)
 
 
 def _group_finetunes_per_worker(config: pytest.Config) -> None:
@@ -92,116 +78,40 @@ def _group_finetunes_per_worker(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Append the gate's items (before -k/-m deselection sees them)."""
     state = config.stash.get(STATE_KEY, None)
-    if state is None or state.run_config is None or not state.run_config.active:
-        return
-    from .thresholds import planned_checks
-
-    planned = planned_checks(state.profile)
-    # Rooted at the invocation directory, so pytest shows "toy-code::..." wherever it runs
-    # (it prints nodeids relative to the working directory, not to the rootdir).
-    try:
-        here = config.invocation_params.dir.resolve().relative_to(config.rootpath.resolve()).as_posix()
-    except ValueError:
-        here = "."
-    prefix = "" if here == "." else here + "/"
-    for finetune in state.run_config.finetunes:
-        collector = GateCollector.from_parent(session, name=finetune, nodeid=prefix + finetune, finetune=finetune, planned=planned)
-        items.extend(collector.collect())
+    if state is not None and state.gate_active:
+        items.extend(gate_items(session, state.run_config.finetunes, state.profile))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Serial runs load and evaluate here, before any test runs, so bad input is a usage error (exit 4)."""
-    config = session.config
-    state = config.stash.get(STATE_KEY, None)
-    if state is None or state.run_config is None or not state.run_config.active or state.is_worker:
+    state = session.config.stash.get(STATE_KEY, None)
+    if state is None or not state.gate_active or state.is_worker:
         return
-    if config.option.collectonly or state.is_xdist_controller:
+    if session.config.option.collectonly or state.is_xdist_controller:
         return
     wanted = list(dict.fromkeys(item.finetune for item in session.items if isinstance(item, GateItem)))
-    if not wanted:
-        return
-    try:
-        state.gate_session().ensure(wanted)
-    except Exception as exc:  # noqa: BLE001
-        error = _usage_error(exc)
-        if error is None:
-            raise
-        raise error from None
-
-
-def _usage_error(exc: BaseException) -> pytest.UsageError | None:
-    from .loading import LoadError
-    from .thresholds import ProfileError
-
-    if isinstance(exc, (LoadError, ProfileError, InputError, config_mod.ConfigError)):
-        return pytest.UsageError(str(exc))
-    return None
-
-
-# -- xdist ----------------------------------------------------------------------
+    if wanted:
+        with _usage_errors():
+            state.gate_session().ensure(wanted)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
     state = node.config.stash.get(STATE_KEY, None)
-    payload = getattr(node, "workeroutput", {}).get("sae_transfer_report")
-    if state is not None and payload:
-        state.worker_payloads.append(json.loads(payload))
-
-
-# -- the end of the run -----------------------------------------------------------
+    if state is not None:
+        state.receive_worker(node)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    config = session.config
-    state = config.stash.get(STATE_KEY, None)
-    if state is None or state.run_config is None or not state.run_config.active:
-        return
-    from .report import TransferReport
-
-    if state.is_worker:
-        if state.gate_reports:
-            report = merge_reports(list(state.gate_reports.values()))
-            assert report is not None
-            # The reports were built one by one; record what this worker did over the whole run.
-            report.config["provenance"] = dict(state.gate_session().provenance)
-            directory = tempfile.mkdtemp(prefix="sae-transfer-worker-")
-            path = report.write_json(os.path.join(directory, "report.json"))
-            config.workeroutput["sae_transfer_report"] = json.dumps({"path": str(path)})
-        return
-    if state.is_xdist_controller:
-        parts = [TransferReport.read_json(p["path"]) for p in state.worker_payloads]
-        for payload in state.worker_payloads:  # read in full above: the workers' scratch copies can go
-            shutil.rmtree(os.path.dirname(payload["path"]), ignore_errors=True)
-        report = merge_reports(parts)
-    else:
-        report = merge_reports(list(state.gate_reports.values()))
-        if report is not None:
-            report.config["provenance"] = dict(state.gate_session().provenance)
-    if report is None:
-        return
-    state.final_report = order_like(report, state.run_config.finetunes)
-    try:
-        state.written = write_outputs(state.final_report, state.run_config)
-    except OSError as exc:
-        # Writes are atomic: whatever report was there before is still there, whole.
-        state.write_error = f"could not write the sae-transfer report: {exc}. Any earlier report at that path is intact."
-        if exitstatus == 0:
-            session.exitstatus = pytest.ExitCode.USAGE_ERROR
+    state = session.config.stash.get(STATE_KEY, None)
+    if state is not None:
+        state.finish(session)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     state = config.stash.get(STATE_KEY, None)
-    if state is None or state.final_report is None:
-        return
-    from .render import terminal_summary
-
-    terminalreporter.write_sep("=", "sae-transfer summary")
-    terminalreporter.write_line(terminal_summary(state.final_report, width=terminalreporter._tw.fullwidth))
-    for path in state.written:
-        terminalreporter.write_line(f"sae-transfer wrote {path}")
-    if state.write_error:
-        terminalreporter.write_line(f"ERROR: {state.write_error}", red=True, bold=True)
+    if state is not None:
+        state.write_summary(terminalreporter)
 
 
 # -- fixtures -------------------------------------------------------------------
@@ -215,15 +125,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     base = state.run_config or config_mod.RunConfig()
     marker = metafunc.definition.get_closest_marker("sae_transfer")
     where = f"{metafunc.definition.nodeid}: "
+    run_config = base
     if marker is not None:
         if marker.args:
             raise pytest.UsageError(f"{where}@pytest.mark.sae_transfer takes keyword arguments only (release=..., finetune=...)")
-        try:
+        with _usage_errors():
             run_config = config_mod.from_marker(base, dict(marker.kwargs), where)
-        except config_mod.ConfigError as exc:
-            raise pytest.UsageError(str(exc)) from None
-    else:
-        run_config = base
     index = state.config_index(run_config)
     finetunes: list[str | None] = list(run_config.finetunes) or [None]
     targets = [Target(index, ft) for ft in finetunes]
@@ -234,15 +141,13 @@ def _state(request: pytest.FixtureRequest) -> PluginState:
     return request.config.stash[STATE_KEY]
 
 
-def _call(fn: Any) -> Any:
+def _call(fn: Callable[[], Any]) -> Any:
     """Run a loader; bad input fails the fixture with its one-line message."""
     __tracebackhide__ = True
     try:
         return fn()
-    except Exception as exc:  # noqa: BLE001
-        if _usage_error(exc) is not None:
-            pytest.fail(str(exc), pytrace=False)
-        raise
+    except InputError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -253,10 +158,10 @@ def _sae_transfer_target(request: pytest.FixtureRequest) -> Target:
 @pytest.fixture(scope="session")
 def sae_transfer_session(request: pytest.FixtureRequest, _sae_transfer_target: Target) -> Any:
     """The TransferSession behind this test's configuration."""
-    session = _state(request).session(_sae_transfer_target.config_index)
-    if not session.config.has_sae:
+    state = _state(request)
+    if not state.configs[_sae_transfer_target.config_index].has_sae:
         pytest.skip("no SAE configured: pass --sae-release NAME or --sae-path DIR, or use @pytest.mark.sae_transfer(release=...)")
-    return session
+    return _call(lambda: state.session(_sae_transfer_target.config_index))
 
 
 @pytest.fixture(scope="session")
@@ -298,7 +203,6 @@ def finetune_model(sae_transfer_session: Any, finetune_name: str) -> Any:
 
 @pytest.fixture(scope="session")
 def transfer_result(sae_transfer_session: Any, finetune_name: str) -> Any:
-    """A PairResult: every SPEC metric by attribute (result.ce_loss_delta, result.base.l0,
+    """A PairResult: every metric by attribute (result.ce_loss_delta, result.base.l0,
     result.resid_cosine_mean) and the per-feature arrays (result.activation_similarity)."""
     return _call(lambda: sae_transfer_session.pair(finetune_name))
-

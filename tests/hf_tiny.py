@@ -187,3 +187,58 @@ def make_sae_dir(directory: Path, d_in: int, hook_name: str, model_name: str, da
     directory = Path(directory)
     sae.save_model(str(directory))
     return directory
+
+#: ``HookedTransformer.from_pretrained``'s defaults, for reference (not used by default).
+FROM_PRETRAINED_PROCESSING: dict[str, bool] = {
+    "fold_ln": True,
+    "center_writing_weights": True,
+    "center_unembed": True,
+    "fold_value_biases": True,
+    "refactor_factored_attn_matrices": False,
+}
+
+
+#: The study's two systems (seed/sae-transfer-blog-post.md) and what their SAEs are.
+#: The registry (sae_lens/pretrained_saes.yaml, installed with sae_lens) holds the model,
+#: repo, folder, expected L0/variance explained and config overrides offline, but not
+#: d_in, d_sae, context size or dataset: those live in each SAE's cfg.json on the hub.
+#: The values below are copied from SAELens's generated table of those cfg.json files,
+#: docs/sae_table.md in jbloomAus/SAELens ("gemma-2b-res-jb" and "mistral-7b-res-wg"
+#: sections), and agree with the study's table (16384 / 65536 features) and its datasets
+#: (FineWeb for Gemma-2b, monology/pile-uncopyrighted for Mistral-7B). d_in is the
+#: models' hidden size (google/gemma-2b and mistralai/Mistral-7B-v0.1 config.json).
+STUDY_PAIRS: dict[str, dict[str, Any]] = {
+    "gemma-2b": {
+        "release": "gemma-2b-res-jb",
+        "sae_id": "blocks.6.hook_resid_post",
+        "model": "gemma-2b",
+        "hf_model": "google/gemma-2b",
+        "finetune": "shahdishank/gemma-2b-it-finetune-python-codes",
+        "hook_name": "blocks.6.hook_resid_post",
+        "d_in": 2048,
+        "d_sae": 16384,
+        "context_size": 1024,
+        "dataset_path": "HuggingFaceFW/fineweb",
+        "n_layers": 18,
+        "d_vocab": 256000,
+        "n_params": 2.51e9,
+        "outlier_norm_study": 290.0,
+    },
+    "mistral-7b": {
+        "release": "mistral-7b-res-wg",
+        "sae_id": "blocks.8.hook_resid_pre",
+        "model": "mistral-7b",
+        "hf_model": "mistralai/Mistral-7B-v0.1",
+        "finetune": "meta-math/MetaMath-Mistral-7B",
+        "hook_name": "blocks.8.hook_resid_pre",
+        "d_in": 4096,
+        "d_sae": 65536,
+        "context_size": 256,
+        "dataset_path": "monology/pile-uncopyrighted",
+        "n_layers": 32,
+        "d_vocab": 32000,
+        "n_params": 7.24e9,
+        "outlier_norm_study": 200.0,
+    },
+}
+

@@ -26,8 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import hf_tiny  # noqa: E402
 
-from pytest_sae_transfer import hf, loading  # noqa: E402
-from pytest_sae_transfer.loading import LoadedModel, LoadError  # noqa: E402
+from pytest_sae_transfer import loading  # noqa: E402
+from pytest_sae_transfer.loading import (  # noqa: E402
+    LoadedModel,
+    LoadError,
+    hf,  # noqa: E402
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -174,7 +178,7 @@ def test_processing_follows_the_base(arch, archs, ids):
     centred per token; log-probs are unchanged; the finetune is processed like the base."""
     a = archs(arch)
     hook = HOOKS[arch]
-    base = _base(a.base_dir, dict(hf.FROM_PRETRAINED_PROCESSING))
+    base = _base(a.base_dir, dict(hf_tiny.FROM_PRETRAINED_PROCESSING))
     flags = getattr(base.model, hf.PROCESSING_ATTR)
     assert flags["fold_ln"] and flags["center_writing_weights"]
     ft, _ = hf.load_local(a.ft_dir, "cpu", "float32", base, {})
@@ -252,7 +256,8 @@ def test_engine_in_half_precision(dtype, archs, work):
     numbers to half precision, with nothing non-finite."""
     from helpers import tiny_sae
 
-    from pytest_sae_transfer.engine import EngineOptions, _Runner, default_special_ids, evaluate_transfer, hook_layer
+    from pytest_sae_transfer.engine import EngineOptions, ModelRunner, evaluate_transfer, hook_layer
+    from pytest_sae_transfer.loading import special_token_ids
 
     a = archs("gemma")
     hook = HOOKS["gemma"]
@@ -265,11 +270,11 @@ def test_engine_in_half_precision(dtype, archs, work):
     dataset = hf_tiny.write_dataset(work / "data-half.jsonl")
     base32 = models["float32"][0]
     toks = loading.load_tokens(str(dataset), base32.tokenizer, n_tokens=8 * CTX, context_size=CTX, prepend_bos=True,
-                               special_token_ids=default_special_ids(base32)).tokens
+                               special_token_ids=special_token_ids(base32.tokenizer)).tokens
     sae = tiny_sae(d_in=hf_tiny.HIDDEN, d_sae=128, hook_name=hook, seed=0)
     reports = {dt: evaluate_transfer(base, {"ft": ft}, sae, toks, EngineOptions(batch_size=4, n_bootstrap=0))
                for dt, (base, ft) in models.items()}
-    runner = _Runner(models[dtype][0], hook_layer(hook, hf_tiny.LAYERS), 1 << 24, True)
+    runner = ModelRunner(models[dtype][0], hook_layer(hook, hf_tiny.LAYERS), 1 << 24, True)
     assert runner.zero_ablation_ce(CTX) is not None
     full, half = reports["float32"], reports[dtype]
     for name, got, want in (("base", half.base.metrics, full.base.metrics),
@@ -304,10 +309,10 @@ def _check_zero_ablation_shortcut(model, hook: str, toks: torch.Tensor) -> None:
     and equal TransformerLens's own per-token loss with the hook activation zeroed."""
     from helpers import zero_ablation_loss_per_token
 
-    from pytest_sae_transfer.engine import _Runner, hook_layer
+    from pytest_sae_transfer.engine import ModelRunner, hook_layer
 
     layer = hook_layer(hook, model.cfg.n_layers)
-    runner = _Runner(model, layer, 1 << 24, True)
+    runner = ModelRunner(model, layer, 1 << 24, True)
     assert runner.zero_ablation_ce(toks.shape[1]) is not None, "positions differ after a zeroed residual"
     x = runner.to_hook(toks)
     ce_zero = runner.continuations(toks, x, x)[2]
@@ -403,9 +408,9 @@ def test_engine_on_tiny_pairs(arch, archs, work, tok):
     ft = loading.load_model(str(a.ft_dir), "cpu", "float32", base=base)
     xrow = loading.load_model(str(a.xrow_dir), "cpu", "float32", base=base)
     assert xrow.notes == ["finetune has 513 vocabulary rows, base 512; the 1 extra row is ignored by shared-vocabulary metrics"]
-    from pytest_sae_transfer.engine import default_special_ids
+    from pytest_sae_transfer.loading import special_token_ids
 
-    special = default_special_ids(base.model)
+    special = special_token_ids(base.model.tokenizer)
     assert set(special) == {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
     tokens = loading.load_tokens(str(dataset), base.model.tokenizer, n_tokens=4 * CTX, context_size=CTX,
                                  prepend_bos=sae.prepend_bos, special_token_ids=special)
@@ -436,7 +441,7 @@ def test_engine_on_tiny_pairs(arch, archs, work, tok):
 # -- the study's registry entries, offline --------------------------------------------
 
 
-@pytest.mark.parametrize("key", sorted(hf.STUDY_PAIRS))
+@pytest.mark.parametrize("key", sorted(hf_tiny.STUDY_PAIRS))
 def test_study_registry_entries_resolve_offline(key):
     """gemma-2b-res-jb/blocks.6.hook_resid_post and mistral-7b-res-wg/blocks.8.hook_resid_pre resolve,
     from sae_lens's installed registry and TransformerLens's tables, to the right model, hook and shapes."""
@@ -449,7 +454,7 @@ def test_study_registry_entries_resolve_offline(key):
 
     from pytest_sae_transfer.engine import hook_layer
 
-    pair = hf.STUDY_PAIRS[key]
+    pair = hf_tiny.STUDY_PAIRS[key]
     release, sae_id = pair["release"], pair["sae_id"]
     entry = get_pretrained_saes_directory()[release]
     assert entry.model == pair["model"] == key
@@ -570,7 +575,8 @@ _OFFLINE_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     results = {}
-    from pytest_sae_transfer import hf, loading, zoo
+    from pytest_sae_transfer import loading, zoo
+    from pytest_sae_transfer.loading import hf
     from pytest_sae_transfer.loading import LoadError, LoadedModel
     import sae_lens  # noqa: F401  (import time is not the loader's)
     try:

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from helpers import random_tokens, tiny_pair, tiny_sae
+
 from pytest_sae_transfer import zoo
 from pytest_sae_transfer.engine import EngineOptions, evaluate_transfer
 

@@ -21,12 +21,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import random_tokens, tiny_pair, tiny_sae, zero_ablation_loss_per_token
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import random_tokens, tiny_pair, tiny_sae, zero_ablation_loss_per_token
-from pytest_sae_transfer import engine as engine_mod
-from pytest_sae_transfer.engine import EngineOptions, evaluate_transfer, run_transfer
+from pytest_sae_transfer.engine import EngineOptions, ModelRunner, evaluate_transfer, run_transfer
 
 SPECIAL = (0, 1, 2)
 HOOK = "blocks.0.hook_resid_post"
@@ -220,7 +219,7 @@ def test_zero_ablation_shortcut_matches_the_full_continuation(seed, ctx):
     """The once-per-model zero-ablation CE equals TransformerLens's per-batch loss at every token."""
     base, _ = pair(seed)
     toks = tokens(seed, n_ctx=5, ctx=16)[:, :ctx]
-    runner = engine_mod._Runner(base, 1, 1 << 24, True)
+    runner = ModelRunner(base, 1, 1 << 24, True)
     table = runner.zero_ablation_ce(ctx)
     assert table is not None and table.shape == (base.cfg.d_vocab_out,)
     x = runner.to_hook(toks)
@@ -237,7 +236,7 @@ def test_zero_ablation_falls_back_per_batch_when_positions_differ():
     base.add_hook("blocks.1.hook_resid_pre", lambda resid, hook: resid + by_position[: resid.shape[1]])
     try:
         toks = tokens(0)
-        runner = engine_mod._Runner(base, 1, 1 << 24, True)
+        runner = ModelRunner(base, 1, 1 << 24, True)
         assert runner.zero_ablation_ce(toks.shape[1]) is None
         x = runner.to_hook(toks)
         _, _, ce_zero, _ = runner.continuations(toks, x, x)
@@ -415,7 +414,7 @@ def test_out_of_memory_batches_are_halved(seed, k, where, exc):
     toks = tokens(seed, n_ctx=9)
     clean = evaluate_transfer(base, {"ft": ft}, sae, toks, opts(batch_size=8))
 
-    original = getattr(engine_mod._Runner, where)
+    original = getattr(ModelRunner, where)
     calls = {"raised": 0}
 
     def faulty(self, tokens_arg, *args, **kwargs):
@@ -429,7 +428,7 @@ def test_out_of_memory_batches_are_halved(seed, k, where, exc):
         return original(self, tokens_arg, *args, **kwargs)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(engine_mod._Runner, where, faulty)
+    mp.setattr(ModelRunner, where, faulty)
     try:
         out = run_transfer(base, {"ft": ft}, sae, toks, opts(batch_size=8))
     finally:
@@ -448,7 +447,7 @@ def test_other_errors_are_not_retried(monkeypatch):
     def broken(self, tokens_arg):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(engine_mod._Runner, "to_hook", broken)
+    monkeypatch.setattr(ModelRunner, "to_hook", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         evaluate_transfer(base, {"ft": ft}, sae, tokens(0), opts())
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
 from helpers import random_tokens, tiny_pair, tiny_sae
 
 

@@ -8,7 +8,7 @@ pytest_plugins = ["pytester"]
 
 SHOW_CONFIG = """
 import json
-from pytest_sae_transfer.plugin import STATE_KEY
+from pytest_sae_transfer.state import STATE_KEY
 
 def pytest_sessionstart(session):
     cfg = session.config.stash[STATE_KEY].run_config

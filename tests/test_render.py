@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_sae_transfer import plots, render
+from pytest_sae_transfer import render
+from pytest_sae_transfer.render import outputs as render_outputs
+from pytest_sae_transfer.render import plots
+from pytest_sae_transfer.render.plots import common as plots_common
 from pytest_sae_transfer.report import (
     MODEL_METRIC_KEYS,
     PAIRED_METRIC_KEYS,
@@ -233,15 +236,15 @@ def drawn(tmp_path_factory: pytest.TempPathFactory) -> tuple[TransferReport, Pat
     rep = make_report()
     out = tmp_path_factory.mktemp("sae-report")
     written: list[Path] = []
-    real_atomic = render.atomic_write
+    real_atomic = render_outputs.atomic_write
 
     def spy(path, write, binary=False):  # type: ignore[no-untyped-def]
         written.append(Path(path))
         return real_atomic(path, write, binary=binary)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(render, "atomic_write", spy)
-        mp.setattr(plots, "atomic_write", spy)
+        mp.setattr(render_outputs, "atomic_write", spy)
+        mp.setattr(plots_common, "atomic_write", spy)
         paths = render.write_report_dir(rep, out, strict=True)
     return rep, out, paths, written
 
@@ -549,7 +552,7 @@ def test_render_import_is_light() -> None:
     code = (
         "import sys, pytest_sae_transfer, pytest_sae_transfer.report;"
         "before = {m for m in ('matplotlib', 'torch') if m in sys.modules};"
-        "import pytest_sae_transfer.render, pytest_sae_transfer.plots;"
+        "import pytest_sae_transfer.render, pytest_sae_transfer.render.plots;"
         "new = {m for m in ('matplotlib', 'torch') if m in sys.modules} - before;"
         "assert not new, new"
     )

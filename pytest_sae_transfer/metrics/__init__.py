@@ -1,14 +1,14 @@
-"""Streaming accumulators for the SPEC.md metrics.
+"""Streaming accumulators and the metric maths.
 
 Each accumulator sees one batch at a time and keeps only O(d_in + d_sae) state
 plus a few scalars per context (for the bootstrap), never a [tokens x d_sae]
 tensor. Everything is accumulated in float64, whatever dtype the model runs in.
+
+Modules: ``keys`` (metric names; no torch) · ``stats`` (Pearson from sums,
+RowTable) · ``model`` (per-model accumulator and formulas) · ``paired``
+(base-vs-finetune accumulator) · ``pairs`` (the paired block from the sums) ·
+``weights`` (metrics from the weights alone) · ``bootstrap`` (intervals over
+contexts). This package's ``__init__`` imports nothing, so that the metric names
+can be read without torch.
+May import: nothing of the package but itself.
 """
-
-from __future__ import annotations
-
-from .model import ModelAccumulator, ModelBatch
-from .paired import PairedAccumulator
-from .stats import pearson_from_sums
-
-__all__ = ["ModelAccumulator", "ModelBatch", "PairedAccumulator", "pearson_from_sums"]

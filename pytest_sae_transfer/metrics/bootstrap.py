@@ -16,22 +16,13 @@ from typing import Iterator
 
 import torch
 
-from .model import scalar_metrics
+from .keys import MODEL_METRIC_KEYS
+from .model import SCALAR_METRIC_KEYS, scalar_metrics
 from .paired import P_COS, P_EUC, P_N
 
-MODEL_CI_KEYS = (
-    "l0",
-    "ce_loss_clean",
-    "ce_loss_spliced",
-    "ce_loss_delta",
-    "ce_loss_zero_ablation",
-    "ce_loss_recovered",
-    "kl_div_spliced",
-    "explained_variance",
-    "r2_pooled",
-    "mse",
-    "cossim",
-)
+#: Per-model metrics with a bootstrap interval: every ratio of per-context sums except the
+#: count fractions (outliers, non-finite tokens), which are reported as counts.
+MODEL_CI_KEYS = tuple(k for k in MODEL_METRIC_KEYS if k in SCALAR_METRIC_KEYS and not k.endswith("_fraction"))
 PAIRED_CI_KEYS = ("resid_cosine_mean", "resid_euclidean_mean")
 
 

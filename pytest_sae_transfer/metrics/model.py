@@ -10,12 +10,11 @@ per-dimension mean of ``explained_variance``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
 
-from .stats import LOG_EPS, RowTable
+from .stats import RowTable
 
 # Columns of the per-context statistics table.
 N_EVAL, L0_SUM, CE_N, CE_CLEAN, CE_SPLICED, CE_ZERO, KL_N, KL_SUM = range(8)
@@ -197,6 +196,13 @@ def _div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.nan)
 
 
+#: The keys :func:`scalar_metrics` returns.
+SCALAR_METRIC_KEYS = (
+    "l0", "ce_loss_clean", "ce_loss_spliced", "ce_loss_delta", "ce_loss_zero_ablation", "ce_loss_recovered",
+    "kl_div_spliced", "explained_variance", "r2_pooled", "mse", "cossim", "outlier_fraction", "nonfinite_fraction",
+)
+
+
 def scalar_metrics(s: torch.Tensor, sum_x: torch.Tensor, d_in: int) -> dict[str, torch.Tensor]:
     """SPEC scalars from summed statistics.
 
@@ -232,7 +238,3 @@ def scalar_metrics(s: torch.Tensor, sum_x: torch.Tensor, d_in: int) -> dict[str,
     out["outlier_fraction"] = _div(s[..., N_OUTLIER], s[..., N_INCLUDED])
     out["nonfinite_fraction"] = _div(s[..., N_NONFINITE], s[..., N_INCLUDED])
     return out
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

@@ -42,10 +42,6 @@ def rowwise_pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.nan)
 
 
-def safe_ratio(num: float, den: float) -> float:
-    return num / den if den != 0 else float("nan")
-
-
 class RowTable:
     """Per-context rows (float64, CPU), appended a batch at a time into one buffer that
     doubles when full.

@@ -74,3 +74,25 @@ def weight_deviation(base_blocks: list[dict[str, torch.Tensor]], finetune: Any) 
             den += float(pb.pow(2).sum())
         out.append((num**0.5) / (den**0.5) if den > 0 else None)
     return out
+
+
+def weight_metrics(base: Any, finetune: Any, W_dec: torch.Tensor, W_U_base: torch.Tensor) -> dict[str, Any]:
+    """Weight-only paired metrics; ``base`` is the base model or its blocks' parameters."""
+    notes: list[str] = []
+    V_base = W_U_base.shape[1]
+    V_ft = finetune.cfg.d_vocab_out
+    n_vocab = min(V_base, V_ft)
+    if V_ft != V_base:
+        notes.append(
+            f"vocabulary sizes differ (base {V_base}, finetune {V_ft}); weight-based metrics use the shared first {n_vocab} tokens"
+        )
+    W_U_ft = folded_unembed(finetune)
+    base_blocks = base if isinstance(base, list) else [dict(b.named_parameters()) for b in base.blocks]
+    return {
+        "logit_similarity": logit_similarity(W_dec, W_U_base, W_U_ft, n_vocab),
+        "unembed_frobenius_ratio": frobenius_ratio(W_U_ft[:, :n_vocab], W_U_base[:, :n_vocab].to(W_U_ft.device)),
+        "weight_deviation": weight_deviation(base_blocks, finetune),
+        "n_shared_vocab": n_vocab,
+        "notes": notes,
+    }
+

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-
 from rel_fixtures import build
 from rel_runner import Run, plugin_args, run_inprocess
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pytest
-
 from rel_fixtures import TOKENS
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from rel_runner import Run, env_for_subprocess, finish, plugin_args, results_only, start_subprocess
 
-from pytest_sae_transfer.cache import ResultCache
+from pytest_sae_transfer.session.cache import ResultCache
 
 FINETUNES = ("ft", "ft2")
 

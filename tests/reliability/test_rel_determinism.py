@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from rel_runner import assert_numbers_close, comparable, plugin_args
 
 from pytest_sae_transfer.report import FeatureArrays

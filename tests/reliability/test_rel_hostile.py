@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from rel_fixtures import _evil_pickle
 from rel_runner import plugin_args
 
@@ -106,7 +105,7 @@ def test_report_files_stay_inside_the_report_directory(fx: dict[str, Any], run_p
 def test_report_file_names_are_safe_for_any_finetune_name() -> None:
     from types import SimpleNamespace
 
-    from pytest_sae_transfer.plots import finetune_slugs
+    from pytest_sae_transfer.render.plots import finetune_slugs
 
     names = ["../../etc/passwd", "/abs/model", "..", ".", "a/b", "A/B", "C:\\x\\..\\y", "x" * 300, ""]
     report = SimpleNamespace(finetunes=[SimpleNamespace(model=n) for n in names])
@@ -117,7 +116,7 @@ def test_report_file_names_are_safe_for_any_finetune_name() -> None:
 
 
 def test_cache_keys_are_hex_and_stay_inside_the_cache(tmp_path: Path) -> None:
-    from pytest_sae_transfer.cache import ResultCache, cache_key
+    from pytest_sae_transfer.session.cache import ResultCache, cache_key
 
     key = cache_key({"finetune": "../../etc", "base": "/abs/path"})
     assert re.fullmatch(r"[0-9a-f]{32}", key)

@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 import torch
-
 from rel_runner import plugin_args
 
 

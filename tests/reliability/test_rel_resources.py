@@ -15,17 +15,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from rel_runner import assert_numbers_close, env_for_subprocess, plugin_args, results_only, start_subprocess
 
-import pytest_sae_transfer.engine as engine
-from pytest_sae_transfer.cache import ResultCache
+from pytest_sae_transfer.engine import ModelRunner
+from pytest_sae_transfer.session.cache import ResultCache
 
 
 def _inject_oom(monkeypatch: pytest.MonkeyPatch, max_batch: int) -> list[int]:
     """Make the engine's forward pass raise CUDA's out-of-memory error above ``max_batch`` contexts."""
     seen: list[int] = []
-    real = engine._Runner.to_hook
+    real = ModelRunner.to_hook
 
     def to_hook(self: Any, tokens: torch.Tensor) -> torch.Tensor:
         seen.append(int(tokens.shape[0]))
@@ -33,7 +32,7 @@ def _inject_oom(monkeypatch: pytest.MonkeyPatch, max_batch: int) -> list[int]:
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 20.00 GiB (batch of {tokens.shape[0]})")
         return real(self, tokens)
 
-    monkeypatch.setattr(engine._Runner, "to_hook", to_hook)
+    monkeypatch.setattr(ModelRunner, "to_hook", to_hook)
     return seen
 
 

@@ -13,9 +13,8 @@ from typing import Any, Callable
 
 import pytest
 import torch
-
-from rel_runner import plugin_args
 from rel_fixtures import CONTEXT, HIDDEN, HOOK, LAYERS, TOKENS
+from rel_runner import plugin_args
 
 
 def _release(fx: dict[str, Any], tmp: Path) -> list[str]:

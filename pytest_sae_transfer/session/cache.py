@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from ..loading import LoadError
+
 CACHE_FORMAT = "1"
 
 
@@ -122,3 +124,31 @@ class ResultCache:
             except OSError:
                 continue
         return removed
+
+
+class MemoryOnlyCache:
+    """--sae-no-cache outside xdist: nothing is read or written."""
+
+    def get(self, key: str) -> None:
+        return None
+
+    def put(self, key: str, payload: Any, arrays: Any) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def lock(self, key: str):
+        yield
+
+
+def check_writable(root: Path) -> None:
+    """The cache directory must take lock files and entries: say so up front, not as a crash later."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise LoadError(
+            f"the result cache directory {str(root)!r} cannot be written ({exc}); "
+            "pass a writable directory with --sae-cache-dir, or --sae-no-cache"
+        ) from None
+

@@ -11,7 +11,8 @@ from __future__ import annotations
 import difflib
 from typing import Any, Mapping
 
-from .report import FEATURE_VECTOR_KEYS, FinetuneResult, ModelResult, TransferReport
+from ..metrics.keys import FEATURE_VECTOR_KEYS
+from .model import FinetuneResult, ModelResult, TransferReport
 
 
 class MetricView:

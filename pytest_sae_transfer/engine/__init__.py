@@ -1,0 +1,28 @@
+"""The transfer engine: one streaming pass over the tokens for the base and every finetune.
+
+Pure torch, usable without pytest::
+
+    report = evaluate_transfer(base, {"ft": finetune}, sae, tokens)
+
+Modules: ``options`` (options, error, outputs) · ``runner`` (a model cut at the
+hook, its continuations, CE and KL) · ``sweep`` (the batch loop with out-of-memory
+halving) · ``spill`` (sequential mode's scratch files) · ``assemble`` (results
+from the accumulators) · ``transfer`` (``run_transfer``).
+May import: ``errors``, ``loading``, ``metrics``, ``report``.
+"""
+
+from .options import ENGINE_VERSION, BaseState, EngineError, EngineOptions, EngineOutput
+from .runner import ModelRunner, hook_layer
+from .transfer import evaluate_transfer, run_transfer
+
+__all__ = [
+    "ENGINE_VERSION",
+    "BaseState",
+    "EngineError",
+    "EngineOptions",
+    "EngineOutput",
+    "ModelRunner",
+    "evaluate_transfer",
+    "hook_layer",
+    "run_transfer",
+]

@@ -1,0 +1,81 @@
+"""After the pass: the accumulators become result objects, with their bootstrap intervals,
+the paired metrics, the per-feature arrays and the run's engine settings."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..metrics.bootstrap import Resampler, model_intervals, paired_intervals
+from ..metrics.model import ModelAccumulator
+from ..metrics.pairs import clean_metrics, paired_metrics
+from ..report import FeatureArrays, FinetuneResult, ModelResult
+from .options import BaseState
+from .sweep import Accumulators
+
+
+def resampler(n_contexts: int, n_bootstrap: int, seed: int) -> Resampler | None:
+    return Resampler(n_contexts, n_bootstrap, seed) if n_bootstrap > 0 else None
+
+
+def base_state(name: str, acc: ModelAccumulator, weights: Resampler | None, outlier_norm: float | None) -> BaseState:
+    """The base's result and what every pair needs from it (cacheable)."""
+    return BaseState(
+        result=_model_result(ModelResult, name, acc, weights),
+        fire_count=acc.fire_count.clone(),
+        n_eval=acc.n_eval,
+        histograms=acc.histograms(),
+        outlier_norm=outlier_norm,
+    )
+
+
+def finetune_results(
+    names: list[str],
+    state: BaseState,
+    acc: Accumulators,
+    weight_metrics: Mapping[str, Mapping[str, Any]],
+    weights: Resampler | None,
+) -> tuple[list[FinetuneResult], FeatureArrays]:
+    """Each finetune's result, and the features of the base and every finetune."""
+    features = FeatureArrays()
+    for key, hist in state.histograms.items():
+        features.histograms[f"base/{key}"] = hist
+    results = []
+    for name in names:
+        ft_acc, pair = acc.finetunes[name], acc.pairs[name]
+        result = _model_result(FinetuneResult, name, ft_acc, weights)
+        paired, vectors, notes = paired_metrics(state.fire_count, state.n_eval, ft_acc, pair, weight_metrics[name])
+        result.paired = paired
+        result.notes.extend(notes)
+        result.paired_ci95 = paired_intervals(pair.context_table(), weights) if weights is not None else {}
+        results.append(result)
+        features.vectors[name] = vectors
+        for key, hist in {**ft_acc.histograms(), **pair.histograms()}.items():
+            features.histograms[f"{name}/{key}"] = hist
+    for entry in (state.result, *results):
+        note = nonfinite_loss_note(entry.metrics)
+        if note and note not in entry.notes:
+            entry.notes.append(note)
+    return results, features
+
+
+def _model_result(cls: Any, name: str, acc: ModelAccumulator, weights: Resampler | None) -> Any:
+    stats, sum_x = acc.context_tables()
+    return cls(
+        model=name,
+        metrics=clean_metrics(acc.summary()),
+        ci95=model_intervals(stats, sum_x, weights) if weights is not None else {},
+    )
+
+
+def nonfinite_loss_note(metrics: Mapping[str, Any]) -> str | None:
+    """Positions whose CE/KL was NaN or Inf though their activation was finite are left out of the
+    loss means (SPEC's ``nonfinite_fraction`` counts activations only); say so, never silently."""
+    n = int(metrics.get("n_nonfinite_loss") or 0)
+    if n <= 0:
+        return None
+    total = int(metrics.get("n_tokens") or 0)
+    return (
+        f"{n} of {total} included tokens have a finite activation but a NaN/Inf loss (overflow after the hook, "
+        "or NaN spread by attention); they are left out of ce_loss_* and kl_div_spliced (n_nonfinite_loss)"
+    )
+

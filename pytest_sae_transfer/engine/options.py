@@ -1,0 +1,55 @@
+"""The engine's options, its error type and what it returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from ..report import ModelResult, TransferReport
+
+ENGINE_VERSION = "1"
+
+
+class EngineError(InputError, ValueError):
+    """Inputs the engine cannot evaluate; the message says what would be right."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    batch_size: int = 8  # contexts per batch
+    exclude_special_tokens: bool = True
+    special_token_ids: tuple[int, ...] | None = None  # default: the base tokenizer's BOS/EOS/PAD
+    outlier_norm: float | str | None = None  # None: off; a number τ; or "auto" (2 x mean base norm)
+    n_bootstrap: int = 1000
+    seed: int = 0
+    logits_chunk_elems: int = 1 << 24  # rows x vocab per log-softmax chunk
+    fuse_continuations: bool = True  # False: each continuation alone, zero ablation per batch (a reference path)
+    progress: bool | None = None  # None: only when stderr is a terminal
+    progress_file: Any = None
+    # Sequential: the base runs alone first and spills what the paired metrics need
+    # (hook activations, sparse features) to disk; then each finetune runs alone.
+    # For pairs that do not fit on the device together.
+    sequential: bool = False
+    spill_dir: str | None = None
+
+
+@dataclasses.dataclass
+class BaseState:
+    """What the paired metrics need from the base model; cacheable and shared by finetunes."""
+
+    result: ModelResult
+    fire_count: torch.Tensor  # float64 [d_sae]
+    n_eval: float
+    histograms: dict[str, dict[str, Any]]
+    outlier_norm: float | None
+
+
+@dataclasses.dataclass
+class EngineOutput:
+    report: TransferReport
+    base_state: BaseState
+    oom_splits: int = 0
+

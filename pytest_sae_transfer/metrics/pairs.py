@@ -1,0 +1,106 @@
+"""A finetune's paired block, computed after the pass from the streamed sums: densities,
+the regular and dead-in-one-model feature sets, activation and logit similarity, the
+dead-feature activation error, and the residual-stream similarity."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .model import ModelAccumulator
+from .paired import P_COS, P_EUC, P_N, PairedAccumulator
+from .stats import LOG_EPS, pearson_from_sums, rowwise_pearson
+
+
+def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Non-finite floats become None (JSON has no NaN)."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[key] = value
+    return out
+
+
+def _summary(values: torch.Tensor) -> tuple[float | None, float | None, float | None]:
+    arr = values.numpy()
+    arr = arr[np.isfinite(arr)]
+    if arr.size == 0:
+        return None, None, None
+    return float(arr.mean()), float(np.median(arr)), float((arr > 0.8).mean())
+
+
+def paired_metrics(
+    base_fire_count: torch.Tensor,
+    base_n_eval: float,
+    ft_acc: ModelAccumulator,
+    pair: PairedAccumulator,
+    weights_part: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    notes: list[str] = list(weights_part["notes"])
+    d_sae = pair.d_sae
+    dens_b = base_fire_count / base_n_eval if base_n_eval > 0 else torch.full((d_sae,), math.nan, dtype=torch.float64)
+    dens_f = ft_acc.densities()
+    log_b = torch.log10(dens_b + LOG_EPS)
+    log_f = torch.log10(dens_f + LOG_EPS)
+    dead_b = base_fire_count == 0
+    dead_f = ft_acc.fire_count == 0
+    regular = (log_b >= -5) & (log_b <= -1) & (log_f >= -5) & (log_f <= -1)
+
+    table = pair.context_table()
+    n_pair = float(table[:, P_N].sum())
+    cos_by_pos, euc_by_pos = pair.by_position()
+
+    act_sim_all = pearson_from_sums(pair.n, pair.sum_a, pair.sum_b, pair.sum_aa, pair.sum_bb, pair.sum_ab)
+    act_sim = torch.where(regular, act_sim_all, torch.nan)
+    undefined = int((regular & torch.isnan(act_sim_all)).sum())
+    act_mean, act_median, act_frac = _summary(act_sim[regular])
+
+    logit_sim = torch.where(regular, weights_part["logit_similarity"], torch.nan)
+    logit_mean, logit_median, _ = _summary(logit_sim[regular])
+
+    mean_log_err = pair.sum_log_err / pair.n if pair.n > 0 else torch.full((d_sae,), math.nan, dtype=torch.float64)
+    base_only = dead_b & ~dead_f
+    ft_only = ~dead_b & dead_f
+    dead_err = torch.where(base_only | ft_only, mean_log_err, torch.nan)
+
+    def mean_over(mask: torch.Tensor) -> float | None:
+        return float(mean_log_err[mask].mean()) if bool(mask.any()) and pair.n > 0 else None
+
+    density_r = rowwise_pearson(log_b.unsqueeze(0), log_f.unsqueeze(0))[0]
+    paired: dict[str, Any] = {
+        "n_tokens": int(n_pair),
+        "resid_cosine_mean": float(table[:, P_COS].sum() / n_pair) if n_pair > 0 else None,
+        "resid_cosine_by_position": cos_by_pos,
+        "resid_euclidean_mean": float(table[:, P_EUC].sum() / n_pair) if n_pair > 0 else None,
+        "resid_euclidean_by_position": euc_by_pos,
+        "density_log10_pearson": float(density_r) if math.isfinite(float(density_r)) else None,
+        "n_dead_base_only": int(base_only.sum()),
+        "n_dead_finetune_only": int(ft_only.sum()),
+        "n_dead_both": int((dead_b & dead_f).sum()),
+        "dead_shift_fraction": float((base_only.sum() + ft_only.sum()) / d_sae),
+        "n_regular_features": int(regular.sum()),
+        "activation_similarity_mean": act_mean,
+        "activation_similarity_median": act_median,
+        "activation_similarity_frac_above_0_8": act_frac,
+        "n_activation_similarity_undefined": undefined,
+        "logit_similarity_mean": logit_mean,
+        "logit_similarity_median": logit_median,
+        "dead_activation_error_base_only_mean": mean_over(base_only),
+        "dead_activation_error_finetune_only_mean": mean_over(ft_only),
+        "unembed_frobenius_ratio": weights_part["unembed_frobenius_ratio"],
+        "weight_deviation": weights_part["weight_deviation"],
+        "n_shared_vocab": int(weights_part["n_shared_vocab"]),
+    }
+    vectors = {
+        "density_base": dens_b.numpy(),
+        "density_finetune": dens_f.numpy(),
+        "activation_similarity": act_sim.numpy(),
+        "logit_similarity": logit_sim.numpy(),
+        "dead_activation_error": dead_err.numpy(),
+    }
+    return paired, vectors, notes
+

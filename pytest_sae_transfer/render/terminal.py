@@ -1,0 +1,135 @@
+"""The plain-text summary printed at the end of a pytest run."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Mapping, Sequence
+
+from ..report import TransferReport
+from .text import (
+    all_notes,
+    check_expr,
+    check_marker,
+    check_symbol,
+    check_value,
+    finetune_verdict,
+    fmt_ci,
+    fmt_delta,
+    fmt_num,
+    fmt_paired,
+    metric_keys,
+    overall_verdict,
+    paired_keys,
+    report_title,
+    run_facts,
+    sorted_checks,
+)
+
+_ASCII = str.maketrans(
+    {
+        "✓": "+",
+        "✗": "x",
+        "—": "-",
+        "─": "-",
+        "═": "=",
+        "Δ": "d",
+        "→": "->",
+        "…": "...",
+        "·": "|",
+        "−": "-",
+        "∞": "inf",
+        "‖": "||",
+    }
+)
+
+
+def _table(rows: Sequence[Sequence[str]], align: str, indent: str = "  ") -> list[str]:
+    """Align ``rows`` (first row = header); ``align`` is one of 'l'/'r' per column."""
+    n = max(len(r) for r in rows)
+    rows = [list(r) + [""] * (n - len(r)) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(n)]
+    out = []
+    for j, r in enumerate(rows):
+        cells = [r[i].ljust(widths[i]) if align[i] == "l" else r[i].rjust(widths[i]) for i in range(n)]
+        line = indent + "  ".join(cells).rstrip()
+        out.append(line)
+        if j == 0:
+            out.append((indent + "  ".join(("-" if rows[0][i] else " ") * w for i, w in enumerate(widths))).rstrip())
+    return out
+
+
+def _wrap(text: str, width: int, indent: str, subsequent: str) -> list[str]:
+    return textwrap.wrap(text, width=max(width, 40), initial_indent=indent, subsequent_indent=subsequent,
+                         break_long_words=True, break_on_hyphens=False) or [indent]
+
+
+def terminal_summary(report: TransferReport, width: int = 100, *, ascii_only: bool = False) -> str:
+    """Compact aligned plain-text summary: per finetune, metrics, paired metrics, checks and a verdict.
+
+    ``ascii_only`` replaces ✓/✗/—/→ and friends for terminals that cannot print them.
+    """
+    width = max(int(width), 40)
+    lines: list[str] = []
+    title = report_title(report)
+    lines += _wrap(title, width, "", "    ")
+    lines += _wrap(" · ".join(f"{k}: {v}" for k, v in run_facts(report)), width, "  ", "  ")
+    notes = all_notes(report)
+    if notes:
+        lines.append("  notes:")
+        for n in notes:
+            lines += _wrap(n, width, "    - ", "      ")
+
+    for ft in report.finetunes:
+        status, detail = finetune_verdict(ft)
+        lines.append("")
+        head = f"── {ft.model} "
+        lines.append(head + "─" * max(3, width - len(head)))
+        rows = [["metric", "base", "finetune", "Δ", "finetune ci95", ""]]
+        for key in metric_keys(report, ft, full=False):
+            b, f = report.base.metrics.get(key), ft.metrics.get(key)
+            rows.append([key, fmt_num(b), fmt_num(f), fmt_delta(b, f, key), fmt_ci(ft.ci95.get(key)),
+                         check_marker(ft, (f"base.{key}", f"finetune.{key}"))])
+        lines += _table(rows, "lrrrll")
+
+        pkeys = paired_keys(ft)
+        scalar_keys = [k for k in pkeys if not isinstance(ft.paired.get(k), (list, tuple, Mapping))]
+        if scalar_keys:
+            lines.append("")
+            prow = [["paired (base vs finetune)", "value", "ci95", ""]]
+            for key in scalar_keys:
+                prow.append([key, fmt_paired(key, ft.paired.get(key)), fmt_ci(ft.paired_ci95.get(key)),
+                             check_marker(ft, (f"paired.{key}",))])
+            lines += _table(prow, "lrll")
+        for key in pkeys:
+            if key not in scalar_keys:
+                mark = check_marker(ft, (f"paired.{key}",))
+                lines += _wrap(f"{key}: {fmt_paired(key, ft.paired.get(key))} {mark}".rstrip(), width,
+                               "  ", "      ")
+
+        for n in ft.notes:
+            lines += _wrap(n, width, "  note: ", "        ")
+
+        if ft.checks:
+            lines.append("")
+            lines.append("  checks:")
+            for c in sorted_checks(ft.checks):
+                sym = check_symbol(c)
+                sev = " [warn]" if c.severity != "fail" else ""
+                if c.passed:
+                    lines += _wrap(f"{sym} {c.id}: {check_expr(c)} ({check_value(c)})", width, "    ", "        ")
+                else:
+                    lines += _wrap(f"{sym} {c.id}{sev}: {check_expr(c)}, {check_value(c)}", width,
+                                   "    ", "        ")
+                    if c.message:
+                        lines += _wrap(c.message, width, "        ", "        ")
+        lines.append(f"{ft.model}: {status}" + (f" ({detail})" if status != "NO CHECKS" else ""))
+
+    status, detail = overall_verdict(report)
+    lines.append("")
+    lines.append("═" * min(width, 60))
+    lines.append(f"overall: {status} ({detail})")
+    text = "\n".join(lines) + "\n"
+    if ascii_only:
+        text = text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
+    return text
+

@@ -1,0 +1,223 @@
+"""The run's state: configurations, their sessions and profiles, the gate's reports, and
+the end of the run (publishing a worker's report under xdist, merging the workers'
+reports on the controller, writing the outputs). Kept in ``config.stash[STATE_KEY]``.
+
+Nothing here imports torch at import time: the session (and with it the engine) is
+imported when a result is first needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .config import RunConfig
+from .report import FeatureArrays, TransferReport
+from .thresholds import Profile, load_profile, profile_for_release
+
+
+@dataclasses.dataclass
+class Target:
+    """What a test's fixtures point at: a configuration and (maybe) one finetune."""
+
+    config_index: int
+    finetune: str | None
+
+    def __repr__(self) -> str:
+        return self.finetune or "no-finetune"
+
+
+class PluginState:
+    """Session-wide state of the plugin."""
+
+    def __init__(self, pytest_config: pytest.Config, run_config: RunConfig | None) -> None:
+        self.pytest_config = pytest_config
+        self.run_config = run_config
+        workerinput = getattr(pytest_config, "workerinput", None)
+        self.worker_id: str | None = workerinput.get("workerid") if workerinput else None
+        self.run_id: str | None = workerinput.get("testrunuid") if workerinput else (uuid.uuid4().hex if run_config and run_config.no_cache else None)
+        self.configs: list[RunConfig] = []
+        self.sessions: dict[int, Any] = {}
+        self._profiles: dict[str, Profile] = {}
+        self.gate_reports: dict[str, TransferReport] = {}
+        self.final_report: TransferReport | None = None
+        self.worker_payloads: list[dict[str, Any]] = []
+        self.written: list[str] = []
+        self.write_error: str | None = None
+        # The gate's profile is read at configure time, so a bad profile is a usage error up front.
+        self.profile = self.profile_for(run_config) if run_config is not None and (run_config.active or run_config.thresholds) else None
+
+    @property
+    def is_worker(self) -> bool:
+        return self.worker_id is not None
+
+    @property
+    def is_xdist_controller(self) -> bool:
+        return not self.is_worker and bool(getattr(self.pytest_config.option, "numprocesses", None)) and \
+            getattr(self.pytest_config.option, "dist", "no") != "no"
+
+    @property
+    def gate_active(self) -> bool:
+        return self.run_config is not None and self.run_config.active
+
+    def profile_for(self, config: RunConfig) -> Profile:
+        """The threshold profile of a configuration: the one named, else its release's, else the default."""
+        name = config.thresholds or profile_for_release(config.sae_release)
+        if name not in self._profiles:
+            self._profiles[name] = load_profile(name)
+        return self._profiles[name]
+
+    def config_index(self, config: RunConfig) -> int:
+        for i, known in enumerate(self.configs):
+            if known == config:
+                return i
+        self.configs.append(config)
+        return len(self.configs) - 1
+
+    def session(self, index: int) -> Any:
+        if index not in self.sessions:
+            from .session import TransferSession
+
+            config = self.configs[index]
+            self.sessions[index] = TransferSession(
+                config, self.profile_for(config), worker_id=self.worker_id, run_id=self.run_id,
+                quiet_context=self.output_context, progress_stream=None if self.is_worker else sys.__stderr__,
+            )
+        return self.sessions[index]
+
+    def gate_session(self) -> Any:
+        assert self.run_config is not None
+        return self.session(self.config_index(self.run_config))
+
+    def output_context(self) -> Any:
+        """Let progress reach the terminal while pytest captures output."""
+        capman = self.pytest_config.pluginmanager.getplugin("capturemanager")
+        if capman is None or self.is_worker:
+            return contextlib.nullcontext()
+        return capman.global_and_fixture_disabled()
+
+    def gate_report(self, finetune: str) -> TransferReport:
+        if finetune not in self.gate_reports:
+            self.gate_reports[finetune] = self.gate_session().report([finetune])
+        return self.gate_reports[finetune]
+
+    # -- the end of the run ---------------------------------------------------------
+
+    def receive_worker(self, node: Any) -> None:
+        """On the xdist controller: a worker finished and published its report's path."""
+        payload = getattr(node, "workeroutput", {}).get("sae_transfer_report")
+        if payload:
+            self.worker_payloads.append(json.loads(payload))
+
+    def finish(self, session: pytest.Session) -> None:
+        """Publish (on a worker) or merge and write (serial run, xdist controller) the report."""
+        if not self.gate_active:
+            return
+        if self.is_worker:
+            self._publish()
+            return
+        if self.is_xdist_controller:
+            parts = [TransferReport.read_json(p["path"]) for p in self.worker_payloads]
+            for payload in self.worker_payloads:  # read in full above: the workers' scratch copies can go
+                shutil.rmtree(os.path.dirname(payload["path"]), ignore_errors=True)
+            report = merge_reports(parts)
+        else:
+            report = self._own_report()
+        if report is None:
+            return
+        assert self.run_config is not None
+        self.final_report = order_like(report, self.run_config.finetunes)
+        try:
+            self.written = write_outputs(self.final_report, self.run_config)
+        except OSError as exc:
+            # Writes are atomic: whatever report was there before is still there, whole.
+            self.write_error = f"could not write the sae-transfer report: {exc}. Any earlier report at that path is intact."
+            if session.exitstatus == 0:
+                session.exitstatus = pytest.ExitCode.USAGE_ERROR
+
+    def _own_report(self) -> TransferReport | None:
+        report = merge_reports(list(self.gate_reports.values()))
+        if report is not None:
+            # The reports were built one by one; record what this process did over the whole run.
+            report.config["provenance"] = dict(self.gate_session().provenance)
+        return report
+
+    def _publish(self) -> None:
+        report = self._own_report()
+        if report is None:
+            return
+        directory = tempfile.mkdtemp(prefix="sae-transfer-worker-")
+        path = report.write_json(os.path.join(directory, "report.json"))
+        self.pytest_config.workeroutput["sae_transfer_report"] = json.dumps({"path": str(path)})  # type: ignore[attr-defined]
+
+    def write_summary(self, terminalreporter: Any) -> None:
+        if self.final_report is None:
+            return
+        from .render import terminal_summary
+
+        terminalreporter.write_sep("=", "sae-transfer summary")
+        terminalreporter.write_line(terminal_summary(self.final_report, width=terminalreporter._tw.fullwidth))
+        for path in self.written:
+            terminalreporter.write_line(f"sae-transfer wrote {path}")
+        if self.write_error:
+            terminalreporter.write_line(f"ERROR: {self.write_error}", red=True, bold=True)
+
+
+STATE_KEY = pytest.StashKey[PluginState]()
+
+
+def merge_reports(parts: list[TransferReport]) -> TransferReport | None:
+    """One report from per-finetune or per-worker reports (finetunes in first-seen order)."""
+    if not parts:
+        return None
+    first = parts[0]
+    features = FeatureArrays()
+    finetunes = []
+    seen: set[str] = set()
+    for part in parts:
+        if part.features is not None:
+            features.histograms.update(part.features.histograms)
+            features.vectors.update(part.features.vectors)
+        for ft in part.finetunes:
+            if ft.model not in seen:
+                seen.add(ft.model)
+                finetunes.append(ft)
+    config = dict(first.config)
+    if len(parts) > 1:
+        # Under xdist: which worker computed what (the base must be computed once).
+        config["provenance_by_worker"] = [part.config.get("provenance", {}) for part in parts]
+    return TransferReport(config=config, base=first.base, finetunes=finetunes, features=features)
+
+
+def order_like(report: TransferReport, names: tuple[str, ...]) -> TransferReport:
+    rank = {name: i for i, name in enumerate(names)}
+    report.finetunes.sort(key=lambda ft: rank.get(ft.model, len(rank)))
+    return report
+
+
+def write_outputs(report: TransferReport, run_config: RunConfig) -> list[str]:
+    """The JSON report, the report directory and the GitHub step summary, as asked for."""
+    from .render import append_github_step_summary, write_report_dir
+
+    written: list[str] = []
+    if run_config.report:
+        path = report.write_json(Path(run_config.report))
+        written.append(str(path))
+        if report.features_file:
+            written.append(str(path.with_name(report.features_file)))
+    if run_config.report_dir:
+        paths = write_report_dir(report, Path(run_config.report_dir))
+        written.extend(str(p) for p in paths.values())
+    if append_github_step_summary(report):
+        written.append("$GITHUB_STEP_SUMMARY")
+    return written
