@@ -274,8 +274,8 @@ def test_engine_in_half_precision(dtype, archs, work):
     sae = tiny_sae(d_in=hf_tiny.HIDDEN, d_sae=128, hook_name=hook, seed=0)
     reports = {dt: evaluate_transfer(base, {"ft": ft}, sae, toks, EngineOptions(batch_size=4, n_bootstrap=0))
                for dt, (base, ft) in models.items()}
-    runner = ModelRunner(models[dtype][0], hook_layer(hook, hf_tiny.LAYERS), 1 << 24, True)
-    assert runner.zero_ablation_ce(CTX) is not None
+    runner = ModelRunner(models[dtype][0], 1 << 24, True)
+    assert runner.zero_ablation_ce(CTX, hook_layer(hook, hf_tiny.LAYERS)) is not None
     full, half = reports["float32"], reports[dtype]
     for name, got, want in (("base", half.base.metrics, full.base.metrics),
                             ("ft", half.finetune("ft").metrics, full.finetune("ft").metrics)):
@@ -312,10 +312,10 @@ def _check_zero_ablation_shortcut(model, hook: str, toks: torch.Tensor) -> None:
     from pytest_sae_transfer.engine import ModelRunner, hook_layer
 
     layer = hook_layer(hook, model.cfg.n_layers)
-    runner = ModelRunner(model, layer, 1 << 24, True)
-    assert runner.zero_ablation_ce(toks.shape[1]) is not None, "positions differ after a zeroed residual"
-    x = runner.to_hook(toks)
-    ce_zero = runner.continuations(toks, x, x)[2]
+    runner = ModelRunner(model, 1 << 24, True)
+    assert runner.zero_ablation_ce(toks.shape[1], layer) is not None, "positions differ after a zeroed residual"
+    x = runner.capture(toks, [layer])[layer]
+    ce_zero = runner.continuations(toks, layer, x, x)[2]
     torch.testing.assert_close(ce_zero, zero_ablation_loss_per_token(model, layer, toks), rtol=1e-5, atol=1e-5)
 
 

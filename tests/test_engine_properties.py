@@ -204,8 +204,33 @@ def test_batch_size_does_not_change_results(seed, batch_sizes, mode, tmp_path_fa
     a, b = (metrics_part(r) for r in reports)
     assert a["base"]["ci95"] and a["finetunes"][0]["paired_ci95"]
     # point values, per-position lists and the bootstrap intervals alike
-    close(a, b, rel=1e-5, abs_=1e-7)
+    close(without_recovered(a), without_recovered(b), rel=1e-5, abs_=1e-7)
+    for entry_a, entry_b in zip([a["base"], *a["finetunes"]], [b["base"], *b["finetunes"]]):
+        rel = 1e-5 * recovered_condition(entry_a["metrics"])
+        close(entry_a["metrics"]["ce_loss_recovered"], entry_b["metrics"]["ce_loss_recovered"], rel=rel, abs_=1e-7)
+        close(entry_a["ci95"]["ce_loss_recovered"], entry_b["ci95"]["ce_loss_recovered"], rel=rel, abs_=1e-7)
     vectors_close(reports[0].features.vectors["ft"], reports[1].features.vectors["ft"])
+
+
+def without_recovered(part: dict[str, Any]) -> dict[str, Any]:
+    """``part`` without ce_loss_recovered (checked with its own tolerance)."""
+    def strip(entry: dict[str, Any]) -> dict[str, Any]:
+        out = dict(entry)
+        out["metrics"] = {k: v for k, v in entry["metrics"].items() if k != "ce_loss_recovered"}
+        out["ci95"] = {k: v for k, v in entry["ci95"].items() if k != "ce_loss_recovered"}
+        return out
+
+    return {"base": strip(part["base"]), "finetunes": [strip(f) for f in part["finetunes"]]}
+
+
+def recovered_condition(metrics: dict[str, Any]) -> float:
+    """Condition number of ce_loss_recovered = (zero − spliced) / (zero − clean) in its three CE
+    means: how much a relative float error in them (batch-shape dependent matmul rounding) is
+    amplified. Random test models lose little to zero ablation, so the denominator is small and
+    the ratio (and its bootstrap quantiles, which resample that denominator) moves far more than
+    the CEs themselves; the CEs are held to 1e-5 above."""
+    z, s, c = metrics["ce_loss_zero_ablation"], metrics["ce_loss_spliced"], metrics["ce_loss_clean"]
+    return max(1.0, (abs(z) + abs(s)) / max(abs(z - s), 1e-12) + (abs(z) + abs(c)) / max(abs(z - c), 1e-12))
 
 
 # --------------------------------------------------------------------------
@@ -219,11 +244,11 @@ def test_zero_ablation_shortcut_matches_the_full_continuation(seed, ctx):
     """The once-per-model zero-ablation CE equals TransformerLens's per-batch loss at every token."""
     base, _ = pair(seed)
     toks = tokens(seed, n_ctx=5, ctx=16)[:, :ctx]
-    runner = ModelRunner(base, 1, 1 << 24, True)
-    table = runner.zero_ablation_ce(ctx)
+    runner = ModelRunner(base, 1 << 24, True)
+    table = runner.zero_ablation_ce(ctx, 1)
     assert table is not None and table.shape == (base.cfg.d_vocab_out,)
-    x = runner.to_hook(toks)
-    _, _, ce_zero, _ = runner.continuations(toks, x, x)
+    x = runner.capture(toks, [1])[1]
+    _, _, ce_zero, _ = runner.continuations(toks, 1, x, x)
     np.testing.assert_allclose(ce_zero.numpy(), zero_ablation_loss_per_token(base, 1, toks).numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -236,13 +261,13 @@ def test_zero_ablation_falls_back_per_batch_when_positions_differ():
     base.add_hook("blocks.1.hook_resid_pre", lambda resid, hook: resid + by_position[: resid.shape[1]])
     try:
         toks = tokens(0)
-        runner = ModelRunner(base, 1, 1 << 24, True)
-        assert runner.zero_ablation_ce(toks.shape[1]) is None
-        x = runner.to_hook(toks)
-        _, _, ce_zero, _ = runner.continuations(toks, x, x)
+        runner = ModelRunner(base, 1 << 24, True)
+        assert runner.zero_ablation_ce(toks.shape[1], 1) is None
+        x = runner.capture(toks, [1])[1]
+        _, _, ce_zero, _ = runner.continuations(toks, 1, x, x)
         np.testing.assert_allclose(ce_zero.numpy(), zero_ablation_loss_per_token(base, 1, toks).numpy(), rtol=1e-5, atol=1e-6)
         # the positions really differ after a zero residual, so one shared row would be wrong
-        final = runner._final_resid(torch.zeros(1, toks.shape[1], base.cfg.d_model))[0]
+        final = runner.final_resid(torch.zeros(1, toks.shape[1], base.cfg.d_model), 1)[0]
         assert float((final - final[0]).abs().max()) > 0.1 * float(final[0].abs().max())
     finally:
         base.reset_hooks(including_permanent=True)
@@ -405,7 +430,7 @@ def test_same_seed_gives_bit_identical_report(seed, boot_seed):
 @given(
     seed=st.integers(0, 3),
     k=st.integers(1, 3),
-    where=st.sampled_from(["to_hook", "continuations"]),
+    where=st.sampled_from(["capture", "losses"]),
     exc=st.sampled_from(["cuda", "memory", "runtime"]),
 )
 def test_out_of_memory_batches_are_halved(seed, k, where, exc):
@@ -444,10 +469,10 @@ def test_other_errors_are_not_retried(monkeypatch):
     base, ft = pair(0)
     sae = make_sae(0)
 
-    def broken(self, tokens_arg):
+    def broken(self, tokens_arg, *args):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(ModelRunner, "to_hook", broken)
+    monkeypatch.setattr(ModelRunner, "capture", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         evaluate_transfer(base, {"ft": ft}, sae, tokens(0), opts())
 

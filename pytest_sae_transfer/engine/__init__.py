@@ -11,9 +11,9 @@ from the accumulators) · ``transfer`` (``run_transfer``).
 May import: ``errors``, ``loading``, ``metrics``, ``report``.
 """
 
-from .options import ENGINE_VERSION, BaseState, EngineError, EngineOptions, EngineOutput
+from .options import ENGINE_VERSION, BaseState, EngineError, EngineOptions, EngineOutput, EngineRun
 from .runner import ModelRunner, hook_layer
-from .transfer import evaluate_transfer, run_transfer
+from .transfer import evaluate_transfer, run_transfer, run_transfer_many
 
 __all__ = [
     "ENGINE_VERSION",
@@ -21,8 +21,10 @@ __all__ = [
     "EngineError",
     "EngineOptions",
     "EngineOutput",
+    "EngineRun",
     "ModelRunner",
     "evaluate_transfer",
     "hook_layer",
     "run_transfer",
+    "run_transfer_many",
 ]

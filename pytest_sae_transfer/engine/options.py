@@ -53,3 +53,10 @@ class EngineOutput:
     base_state: BaseState
     oom_splits: int = 0
 
+
+@dataclasses.dataclass
+class EngineRun:
+    """A multi-SAE run: each SAE's output by key, and the out-of-memory halvings of the pass."""
+
+    outputs: dict[str, EngineOutput]
+    oom_splits: int = 0

@@ -4,6 +4,7 @@ base's sweep and read back while each finetune runs alone."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -36,26 +37,29 @@ class BaseSpill:
         self.chunks: list[tuple[int, int, str]] = []
         self._cached: tuple[int, int, dict[str, torch.Tensor]] | None = None
 
-    def write(self, start: int, view: BaseView) -> None:
-        from safetensors.torch import save_file
-
+    @staticmethod
+    def pack(view: BaseView) -> dict[str, torch.Tensor]:
+        """The view as CPU tensors, features sparse; computed before anything of the batch is kept."""
         B, T, d_sae = view.feats.shape
         flat = view.feats.reshape(B * T, d_sae)
         rows, cols = flat.nonzero(as_tuple=True)
+        return {
+            "x": view.x.contiguous().cpu(),
+            "rows": rows.to(torch.int32).cpu(),
+            "cols": cols.to(torch.int32).cpu(),
+            "vals": flat[rows, cols].float().cpu(),
+            "included": view.included.cpu().to(torch.uint8),
+            "finite": view.finite.cpu().to(torch.uint8),
+            "shape": torch.tensor([B, T, d_sae]),
+        }
+
+    def write(self, start: int, packed: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(self.directory, exist_ok=True)
         path = f"{self.directory}/base-{start:09d}.safetensors"
-        save_file(
-            {
-                "x": view.x.contiguous().cpu(),
-                "rows": rows.to(torch.int32).cpu(),
-                "cols": cols.to(torch.int32).cpu(),
-                "vals": flat[rows, cols].float().cpu(),
-                "included": view.included.cpu().to(torch.uint8),
-                "finite": view.finite.cpu().to(torch.uint8),
-                "shape": torch.tensor([B, T, d_sae]),
-            },
-            path,
-        )
-        self.chunks.append((start, B, path))
+        save_file(packed, path)
+        self.chunks.append((start, int(packed["shape"][0]), path))
 
     def _load(self, start: int, n: int, path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

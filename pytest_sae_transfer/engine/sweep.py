@@ -1,5 +1,8 @@
-"""The batch loop: every model's batch through the SAE and into the accumulators, with a
-CUDA out-of-memory error halving the batch size and retrying the same contexts."""
+"""The batch loop. Per batch, each model runs once through the layers (every SAE's hook
+captured on the way); then, SAE by SAE, the round trip and the statistics; then each
+model's losses, the clean continuation shared by all SAEs. A CUDA out-of-memory error
+halves the batch size and retries the same contexts: nothing of a batch is kept until
+all of it has been computed, so nothing is counted twice."""
 
 from __future__ import annotations
 
@@ -8,21 +11,45 @@ from typing import Any, Callable
 
 import torch
 
-from ..metrics.model import ModelAccumulator, ModelBatch
-from ..metrics.paired import PairedAccumulator
+from ..metrics.model import BatchStats, ModelAccumulator, ModelBatch
+from ..metrics.paired import PairBatchStats, PairedAccumulator
 from .options import EngineError, EngineOptions
-from .runner import ModelRunner, included_mask, is_oom, sae_roundtrip
+from .runner import ModelRunner
 from .spill import BaseSpill, BaseView, activations_finite
+from .steps import included_mask, is_oom, sae_roundtrip
+
+
+_SPENT = torch.empty(0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SAESlot:
+    """One SAE of the run: its key (how results are named), the SAE, the layer its hook reads,
+    and the outlier norm τ at that layer (None: no mask)."""
+
+    key: str
+    sae: Any
+    layer: int
+    outlier_norm: float | None
 
 
 @dataclasses.dataclass
 class Accumulators:
-    """Everything the pass accumulates: the base's own metrics (None when its result came
-    from the cache), each finetune's, and each base/finetune pair's."""
+    """Everything the pass accumulates, per SAE key: the base's own metrics (only for SAEs whose
+    base result is not cached), and per (finetune, SAE key) the finetune's and the pair's."""
 
-    base: ModelAccumulator | None
-    finetunes: dict[str, ModelAccumulator]
-    pairs: dict[str, PairedAccumulator]
+    base: dict[str, ModelAccumulator]
+    finetunes: dict[tuple[str, str], ModelAccumulator]
+    pairs: dict[tuple[str, str], PairedAccumulator]
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A batch, measured but not yet kept."""
+
+    model: list[tuple[ModelAccumulator, BatchStats]] = dataclasses.field(default_factory=list)
+    pairs: list[tuple[PairedAccumulator, PairBatchStats]] = dataclasses.field(default_factory=list)
+    spills: list[tuple[BaseSpill, dict[str, torch.Tensor]]] = dataclasses.field(default_factory=list)
 
 
 class Sweep:
@@ -32,21 +59,20 @@ class Sweep:
 
     def __init__(
         self,
-        sae: Any,
+        slots: list[SAESlot],
         tokens: torch.Tensor,
         special: torch.Tensor,
         options: EngineOptions,
-        outlier_norm: float | None,
         base_runner: ModelRunner,
         accumulators: Accumulators,
         bar: Any = None,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
-        self.sae = sae
+        self.slots = slots
+        self.layers = sorted({slot.layer for slot in slots})
         self.tokens = tokens
         self.special = special
         self.options = options
-        self.tau = outlier_norm
         self.base_runner = base_runner
         self.acc = accumulators
         self.bar = bar
@@ -54,70 +80,102 @@ class Sweep:
         self.batch_size = options.batch_size
         self.oom_splits = 0
 
-    def model_batch(self, runner: ModelRunner, toks: torch.Tensor, included: torch.Tensor, with_losses: bool) -> ModelBatch:
-        """One model's batch: the hook activation, the SAE round trip and (``with_losses``) the continuations."""
-        x = runner.to_hook(toks)
-        feats, x_hat = sae_roundtrip(self.sae, x)
-        x32 = x.float()
-        outlier = x32.norm(dim=-1) > self.tau if self.tau is not None else torch.zeros_like(included)
-        batch = ModelBatch(x=x32, x_hat=x_hat, feats=feats, included=included, outlier=outlier)
-        if with_losses:
-            splice = (included & ~outlier).unsqueeze(-1)
-            x_spliced = torch.where(splice, x_hat.to(x.dtype), x)
-            batch.ce_clean, batch.ce_spliced, batch.ce_zero, batch.kl = runner.continuations(toks, x, x_spliced)
-        return batch
-
-    def run(self, base_live: bool, ft_runners: list[tuple[str, ModelRunner]], spill: BaseSpill | None) -> None:
+    def run(self, base_live: bool, ft_runners: list[tuple[str, ModelRunner]], spills: dict[str, BaseSpill] | None) -> None:
         """One sweep over the tokens. With ``base_live`` the base runs here (and is written to
-        ``spill`` when given); otherwise its side of each batch is read back from ``spill``."""
+        ``spills`` when given); otherwise its side of each batch is read back from ``spills``."""
         n_ctx = self.tokens.shape[0]
         cursor = 0
         while cursor < n_ctx:
             toks_cpu = self.tokens[cursor : cursor + self.batch_size]
             try:
-                base_batch, base_view, fts = self._compute(toks_cpu, cursor, base_live, ft_runners, spill)
+                pending = self._batch(toks_cpu, cursor, base_live, ft_runners, spills)
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
                 if not is_oom(exc):
                     raise
-                # Nothing of this batch was counted yet: retry it, and the rest, at half the size.
+                # Nothing of this batch was kept: retry it, and the rest, at half the size.
                 self._halve(exc)
                 continue
-            self._accumulate(cursor, base_batch, base_view, fts, spill)
+            for acc, st in pending.model:
+                acc.commit(st)
+            for pair, pst in pending.pairs:
+                pair.commit(pst)
+            for spill, packed in pending.spills:
+                spill.write(cursor, packed)
             cursor += toks_cpu.shape[0]
             if self.bar is not None:
                 self.bar.update(toks_cpu.numel() * ((1 if base_live else 0) + len(ft_runners)))
             if self.on_batch is not None:
                 self.on_batch(cursor, n_ctx)
 
-    def _compute(
-        self, toks_cpu: torch.Tensor, cursor: int, base_live: bool, ft_runners: list[tuple[str, ModelRunner]], spill: BaseSpill | None
-    ) -> tuple[ModelBatch | None, BaseView, list[tuple[str, ModelBatch]]]:
+    def _batch(
+        self, toks_cpu: torch.Tensor, cursor: int, base_live: bool, ft_runners: list[tuple[str, ModelRunner]],
+        spills: dict[str, BaseSpill] | None,
+    ) -> _Pending:
         device = self.base_runner.device
         toks = toks_cpu.to(device)
         included = included_mask(toks, self.special, self.options)
-        base_batch = None
-        if base_live:
-            base_batch = self.model_batch(self.base_runner, toks, included, self.acc.base is not None)
-            base_view = BaseView(base_batch.x, base_batch.feats, included, activations_finite(base_batch))
-        else:
-            assert spill is not None
-            base_view = spill.read(cursor, toks_cpu.shape[0], device)
-        fts = [(name, self.model_batch(runner, toks.to(runner.device), included.to(runner.device), True)) for name, runner in ft_runners]
-        return base_batch, base_view, fts
+        pending = _Pending()
+        base_xs = self.base_runner.capture(toks, self.layers) if base_live else {}
+        ft_xs = {name: runner.capture(toks.to(runner.device), self.layers) for name, runner in ft_runners}
+        base_spliced: list[tuple[SAESlot, ModelBatch, BatchStats]] = []  # base sides that need losses
+        ft_spliced: dict[str, list[tuple[SAESlot, ModelBatch, BatchStats]]] = {name: [] for name, _ in ft_runners}
+        for slot in self.slots:
+            if base_live:
+                b = self._model_batch(slot, base_xs[slot.layer], included)
+                view = BaseView(b.x, b.feats, included, activations_finite(b))
+                base_acc = self.acc.base.get(slot.key)
+                if base_acc is not None:
+                    base_spliced.append((slot, b, self._measure(pending, base_acc, b)))
+                if spills is not None:
+                    pending.spills.append((spills[slot.key], BaseSpill.pack(view)))
+            else:
+                assert spills is not None
+                view = spills[slot.key].read(cursor, toks_cpu.shape[0], device)
+            for name, runner in ft_runners:
+                fb = self._model_batch(slot, ft_xs[name][slot.layer], included.to(runner.device))
+                ft_spliced[name].append((slot, fb, self._measure(pending, self.acc.finetunes[(name, slot.key)], fb)))
+                dev = view.x.device
+                mask = view.included & view.finite & activations_finite(fb).to(dev)
+                pair = self.acc.pairs[(name, slot.key)]
+                pending.pairs.append((pair, pair.measure(view.x, fb.x.to(dev), view.feats, fb.feats.to(dev), mask)))
+                fb.feats = fb.x_hat = _SPENT  # measured: the dense features can go
+            if base_live:
+                b.feats = b.x_hat = _SPENT
+        if base_spliced:
+            self._losses(self.base_runner, toks, base_xs, base_spliced)
+        for name, runner in ft_runners:
+            self._losses(runner, toks.to(runner.device), ft_xs[name], ft_spliced[name])
+        return pending
 
-    def _accumulate(
-        self, cursor: int, base_batch: ModelBatch | None, base_view: BaseView, fts: list[tuple[str, ModelBatch]], spill: BaseSpill | None
-    ) -> None:
-        if base_batch is not None:
-            if self.acc.base is not None:
-                self.acc.base.update(base_batch)
-            if spill is not None:
-                spill.write(cursor, base_view)
-        dev = base_view.x.device
-        for name, fb in fts:
-            self.acc.finetunes[name].update(fb)
-            mask = base_view.included & base_view.finite & activations_finite(fb).to(dev)
-            self.acc.pairs[name].update(base_view.x, fb.x.to(dev), base_view.feats, fb.feats.to(dev), mask)
+    def _model_batch(self, slot: SAESlot, x: torch.Tensor, included: torch.Tensor) -> ModelBatch:
+        """One model's batch for one SAE: the activation, its round trip, the outlier mask, and
+        (kept in ``x_spliced``) the input with the reconstruction spliced in."""
+        feats, x_hat = sae_roundtrip(slot.sae, x)
+        x32 = x.float()
+        outlier = x32.norm(dim=-1) > slot.outlier_norm if slot.outlier_norm is not None else torch.zeros_like(included)
+        batch = ModelBatch(x=x32, x_hat=x_hat, feats=feats, included=included, outlier=outlier)
+        splice = (included & ~outlier).unsqueeze(-1)
+        batch.x_spliced = torch.where(splice, x_hat.to(x.dtype), x)
+        return batch
+
+    @staticmethod
+    def _measure(pending: _Pending, acc: ModelAccumulator, batch: ModelBatch) -> BatchStats:
+        st = acc.measure(batch)
+        pending.model.append((acc, st))
+        return st
+
+    @staticmethod
+    def _losses(runner: ModelRunner, toks: torch.Tensor, xs: dict[int, torch.Tensor],
+                sides: list[tuple[SAESlot, ModelBatch, BatchStats]]) -> None:
+        """The model's continuations for every SAE at once; fills each SAE's loss statistics."""
+        if not sides:
+            return
+        deepest = max(xs)
+        ce_clean, per_sae = runner.losses(toks, (deepest, xs[deepest]), [(slot.layer, b.x_spliced) for slot, b, _ in sides])
+        for (slot, b, st), losses in zip(sides, per_sae):
+            b.ce_clean, b.ce_spliced, b.ce_zero, b.kl = ce_clean, losses.ce_spliced, losses.ce_zero, losses.kl
+            b.x_spliced = None
+            ModelAccumulator.measure_losses(st, b)
 
     def _halve(self, exc: BaseException) -> None:
         if self.batch_size == 1:

@@ -1,11 +1,12 @@
-"""``run_transfer``: one streaming pass over the tokens for the base model and every finetune.
+"""``run_transfer_many``: one streaming pass over the tokens for the base model and every
+finetune, for every SAE of the run at once; ``run_transfer`` is the one-SAE case.
 
-For each batch and each model the engine runs the model once to the SAE's hook
-layer, encodes and decodes with the SAE, and continues from the hook layer for
-the clean and spliced inputs together (see :mod:`.runner`); the accumulators
-(:mod:`..metrics`) take each batch and keep O(d_sae) state. In sequential mode
-the base runs first and spills its side of every batch to disk, then each
-finetune runs alone against the spill (:mod:`.spill`).
+For each batch and each model the engine runs the model once through the layers,
+capturing every SAE's hook on the way; each SAE adds its round trip and its spliced
+continuation from its own layer, and the clean continuation is shared (see
+:mod:`.runner` and :mod:`.sweep`). The accumulators (:mod:`..metrics`) keep
+O(n_saes x d_sae) state. In sequential mode the base runs first and spills its side
+of every batch to disk, then each finetune runs alone against the spill (:mod:`.spill`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from ..metrics.paired import PairedAccumulator
 from ..metrics.weights import folded_unembed, weight_metrics
 from ..report import TransferReport
 from . import assemble
-from .options import ENGINE_VERSION, BaseState, EngineError, EngineOptions, EngineOutput
-from .runner import ModelRunner, auto_outlier_norm, hook_layer, progress_bar
+from .options import BaseState, EngineError, EngineOptions, EngineOutput, EngineRun
+from .runner import ModelRunner, hook_layer
 from .spill import BaseSpill, blocks_to_cpu
-from .sweep import Accumulators, Sweep
+from .steps import auto_outlier_norms, progress_bar
+from .sweep import Accumulators, SAESlot, Sweep
 
 
 def run_transfer(
@@ -40,7 +42,7 @@ def run_transfer(
     base_state: BaseState | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EngineOutput:
-    """Evaluate the SAE on the base and each finetune over ``tokens`` [contexts, positions].
+    """Evaluate one SAE on the base and each finetune over ``tokens`` [contexts, positions].
 
     ``finetunes`` maps names to HookedTransformers, or to zero-argument callables
     that load one (so that in sequential mode only one finetune is resident).
@@ -48,100 +50,9 @@ def run_transfer(
     the base still runs to the hook layer, because the paired metrics need its
     features token by token.
     """
-    ft_items = list(finetunes.items()) if isinstance(finetunes, Mapping) else list(finetunes)
-    sequential = options.sequential
-    if not sequential:
-        ft_items = [(name, _materialise(m)) for name, m in ft_items]
-    layer = _validate(base, [(n, m) for n, m in ft_items if not callable(m) or hasattr(m, "cfg")], sae, tokens, options)
-    n_ctx, T = tokens.shape
-    special_ids = options.special_token_ids if options.special_token_ids is not None else special_token_ids(getattr(base, "tokenizer", None))
-    special = torch.tensor(sorted(set(special_ids)), dtype=tokens.dtype)
-    names = [name for name, _ in ft_items]
-
-    def runner(model: Any) -> ModelRunner:
-        return ModelRunner(model, layer, options.logits_chunk_elems, options.fuse_continuations)
-
-    base_runner = runner(base)
-    tau = _outlier_norm(base_state, base_runner, tokens, special, options)
-    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
-    acc = Accumulators(
-        base=ModelAccumulator(d_in, d_sae) if base_state is None else None,
-        finetunes={name: ModelAccumulator(d_in, d_sae) for name in names},
-        pairs={name: PairedAccumulator(d_sae, T) for name in names},
-    )
-    W_U_base = folded_unembed(base).detach()
-    W_dec = sae.W_dec.detach()
-    weights_by_ft: dict[str, dict[str, Any]] = {}
-    n_models = 1 + len(names)
-    bar = progress_bar(n_ctx * T * n_models, options, f"sae-transfer ({n_models} models)")
-    sweep = Sweep(sae, tokens, special, options, tau, base_runner, acc, bar, on_batch)
-    started = time.perf_counter()
-    try:
-        if not sequential:
-            runners = [(name, runner(m)) for name, m in ft_items]
-            sweep.run(True, runners, None)
-            for name, r in runners:
-                weights_by_ft[name] = weight_metrics(base, r.model, W_dec=W_dec, W_U_base=W_U_base)
-        else:
-            with tempfile.TemporaryDirectory(prefix="sae-transfer-spill-", dir=options.spill_dir) as spill_dir:
-                spill = BaseSpill(spill_dir)
-                sweep.run(True, [], spill)
-                base_blocks = blocks_to_cpu(base)
-                for name, m in ft_items:
-                    model = _materialise(m)
-                    _validate_model(name, model, base, int(tokens.max()))
-                    sweep.run(False, [(name, runner(model))], spill)
-                    weights_by_ft[name] = weight_metrics(base_blocks, model, W_dec=W_dec, W_U_base=W_U_base)
-                    del model
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-    finally:
-        if bar is not None:
-            bar.close()
-    elapsed = time.perf_counter() - started
-
-    weights = assemble.resampler(n_ctx, options.n_bootstrap, options.seed)
-    if base_state is None:
-        assert acc.base is not None
-        base_state = assemble.base_state(base_name, acc.base, weights, tau)
-    results, features = assemble.finetune_results(names, base_state, acc, weights_by_ft, weights)
-    run_config = dict(config or {})
-    run_config.update(
-        {
-            "hook_name": sae.cfg.metadata.hook_name,
-            "n_contexts": n_ctx,
-            "context_size": T,
-            "n_tokens": n_ctx * T,
-            "batch_size": options.batch_size,
-            "final_batch_size": sweep.batch_size,
-            "sequential": sequential,
-            "exclude_special_tokens": options.exclude_special_tokens,
-            "special_token_ids": list(map(int, special.tolist())),
-            "outlier_norm": tau,
-            "outlier_norm_setting": options.outlier_norm,
-            "n_bootstrap": options.n_bootstrap,
-            "seed": options.seed,
-            "device": str(base_runner.device),
-            "dtype": str(base_runner.dtype).replace("torch.", ""),
-            "engine_version": ENGINE_VERSION,
-            "oom_batch_splits": sweep.oom_splits,
-            "elapsed_seconds": round(elapsed, 3),
-            "tokens_per_second": round(n_ctx * T * n_models / elapsed, 1) if elapsed > 0 else None,
-        }
-    )
-    report = TransferReport(config=run_config, base=base_state.result, finetunes=results, features=features)
-    return EngineOutput(report=report, base_state=base_state, oom_splits=sweep.oom_splits)
-
-
-def _outlier_norm(
-    base_state: BaseState | None, base_runner: ModelRunner, tokens: torch.Tensor, special: torch.Tensor, options: EngineOptions
-) -> float | None:
-    """τ of the outlier mask: the cached base's, 2 x the mean base norm ("auto"), the number given, or None."""
-    if base_state is not None:
-        return base_state.outlier_norm
-    if options.outlier_norm == "auto":
-        return auto_outlier_norm(base_runner, tokens, special, options)
-    return float(options.outlier_norm) if options.outlier_norm is not None else None
+    run = run_transfer_many(base, finetunes, {"sae": sae}, tokens, options, base_name=base_name, config=config,
+                            base_states={"sae": base_state} if base_state is not None else None, on_batch=on_batch)
+    return run.outputs["sae"]
 
 
 def evaluate_transfer(
@@ -152,24 +63,135 @@ def evaluate_transfer(
     options: EngineOptions = EngineOptions(),
     **kwargs: Any,
 ) -> TransferReport:
-    """The library entry point: every SPEC.md metric for the base and each finetune."""
+    """The library entry point: every metric for the base and each finetune, for one SAE."""
     return run_transfer(base, finetunes, sae, tokens, options, **kwargs).report
 
 
-def _validate(base: Any, finetunes: Sequence[tuple[str, Any]], sae: Any, tokens: torch.Tensor, options: EngineOptions) -> int:
+def run_transfer_many(
+    base: Any,
+    finetunes: Mapping[str, Any] | Sequence[tuple[str, Any]],
+    saes: Mapping[str, Any],
+    tokens: torch.Tensor,
+    options: EngineOptions = EngineOptions(),
+    *,
+    base_name: str = "base",
+    config: Mapping[str, Any] | None = None,
+    base_states: Mapping[str, BaseState] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> EngineRun:
+    """Every SAE of ``saes`` (key -> SAE) on the base and each finetune, in one pass over the tokens.
+
+    ``base_states`` holds cached base results by SAE key; those SAEs skip the base's
+    continuations. The result of each SAE equals a run with that SAE alone, to float rounding.
+    """
+    ft_items = list(finetunes.items()) if isinstance(finetunes, Mapping) else list(finetunes)
+    if not options.sequential:
+        ft_items = [(name, _materialise(m)) for name, m in ft_items]
+    cached = dict(base_states or {})
+    layers = _validate(base, [(n, m) for n, m in ft_items if not callable(m) or hasattr(m, "cfg")], saes, tokens, options)
+    special_ids = options.special_token_ids if options.special_token_ids is not None else special_token_ids(getattr(base, "tokenizer", None))
+    special = torch.tensor(sorted(set(special_ids)), dtype=tokens.dtype)
+    names = [name for name, _ in ft_items]
+    base_runner = ModelRunner(base, options.logits_chunk_elems, options.fuse_continuations)
+    taus = _outlier_norms(cached, base_runner, tokens, special, options, layers)
+    slots = [SAESlot(key, sae, layers[key], taus[key]) for key, sae in saes.items()]
+    acc = Accumulators(
+        base={s.key: ModelAccumulator(s.sae.cfg.d_in, s.sae.cfg.d_sae) for s in slots if s.key not in cached},
+        finetunes={(n, s.key): ModelAccumulator(s.sae.cfg.d_in, s.sae.cfg.d_sae) for n in names for s in slots},
+        pairs={(n, s.key): PairedAccumulator(s.sae.cfg.d_sae, tokens.shape[1]) for n in names for s in slots},
+    )
+    n_models = 1 + len(names)
+    bar = progress_bar(tokens.numel() * n_models, options, f"sae-transfer ({n_models} models, {len(slots)} SAE{'s' if len(slots) != 1 else ''})")
+    sweep = Sweep(slots, tokens, special, options, base_runner, acc, bar, on_batch)
+    started = time.perf_counter()
+    try:
+        weights = _passes(sweep, base, ft_items, slots, options, tokens)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - started
+    run_config = {
+        **(config or {}),
+        **assemble.engine_config(tokens, options, sweep, base_runner, special, elapsed, n_models),
+    }
+    outputs = {
+        slot.key: assemble.sae_output(slot, base_name, names, cached.get(slot.key), acc, weights, options, run_config, tokens.shape[0])
+        for slot in slots
+    }
+    return EngineRun(outputs=outputs, oom_splits=sweep.oom_splits)
+
+
+def _passes(sweep: Sweep, base: Any, ft_items: list[tuple[str, Any]], slots: list[SAESlot], options: EngineOptions,
+            tokens: torch.Tensor) -> dict[str, dict[str, dict[str, Any]]]:
+    """Run the sweep(s); returns the weight metrics per finetune and SAE key."""
+    W_U_base = folded_unembed(base).detach()
+    W_decs = {s.key: s.sae.W_dec.detach() for s in slots}
+    weights: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def runner(model: Any) -> ModelRunner:
+        return ModelRunner(model, options.logits_chunk_elems, options.fuse_continuations)
+
+    if not options.sequential:
+        runners = [(name, runner(m)) for name, m in ft_items]
+        sweep.run(True, runners, None)
+        for name, r in runners:
+            weights[name] = weight_metrics(base, r.model, W_decs, W_U_base)
+        return weights
+    with tempfile.TemporaryDirectory(prefix="sae-transfer-spill-", dir=options.spill_dir) as spill_dir:
+        spills = {s.key: BaseSpill(f"{spill_dir}/sae-{i}") for i, s in enumerate(slots)}
+        sweep.run(True, [], spills)
+        base_blocks = blocks_to_cpu(base)
+        for name, m in ft_items:
+            model = _materialise(m)
+            _validate_model(name, model, base, int(tokens.max()))
+            sweep.run(False, [(name, runner(model))], spills)
+            weights[name] = weight_metrics(base_blocks, model, W_decs, W_U_base)
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return weights
+
+
+def _outlier_norms(
+    cached: Mapping[str, BaseState], base_runner: ModelRunner, tokens: torch.Tensor, special: torch.Tensor,
+    options: EngineOptions, layers: Mapping[str, int],
+) -> dict[str, float | None]:
+    """τ of the outlier mask per SAE: the cached base's, 2 x the mean base norm at its layer ("auto"),
+    the number given, or None."""
+    taus: dict[str, float | None] = {}
+    if options.outlier_norm == "auto":
+        todo = sorted({layers[k] for k in layers if k not in cached})
+        auto = auto_outlier_norms(base_runner, tokens, special, options, todo) if todo else {}
+    for key, layer in layers.items():
+        if key in cached:
+            taus[key] = cached[key].outlier_norm
+        elif options.outlier_norm == "auto":
+            taus[key] = auto[layer]
+        else:
+            taus[key] = float(options.outlier_norm) if options.outlier_norm is not None else None
+    return taus
+
+
+def _validate(base: Any, finetunes: Sequence[tuple[str, Any]], saes: Mapping[str, Any], tokens: torch.Tensor,
+              options: EngineOptions) -> dict[str, int]:
+    """Check the inputs; returns each SAE's layer."""
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
         raise EngineError(f"tokens must be a [contexts, positions] tensor with >= 1 context and >= 2 positions; got shape {tuple(tokens.shape)}")
     if options.batch_size < 1:
         raise EngineError(f"batch_size must be a positive number of contexts; got {options.batch_size}")
     if options.n_bootstrap < 0:
         raise EngineError(f"n_bootstrap must be >= 0; got {options.n_bootstrap}")
-    hook_name = sae.cfg.metadata.hook_name
-    layer = hook_layer(hook_name, base.cfg.n_layers)
-    if sae.cfg.d_in != base.cfg.d_model:
-        raise EngineError(
-            f"the SAE reads {sae.cfg.d_in}-dimensional activations but the base model's width at {hook_name} is {base.cfg.d_model}; "
-            "use an SAE trained on this model (its d_in must equal the model's d_model), or pass the base model the SAE was trained on (--base-model)"
-        )
+    if not saes:
+        raise EngineError("no SAE to evaluate")
+    layers = {}
+    for key, sae in saes.items():
+        hook_name = sae.cfg.metadata.hook_name
+        layers[key] = hook_layer(hook_name, base.cfg.n_layers)
+        if sae.cfg.d_in != base.cfg.d_model:
+            raise EngineError(
+                f"the SAE {key!r} reads {sae.cfg.d_in}-dimensional activations but the base model's width at {hook_name} is {base.cfg.d_model}; "
+                "use an SAE trained on this model (its d_in must equal the model's d_model), or pass the base model the SAE was trained on (--base-model)"
+            )
     if tokens.shape[1] > base.cfg.n_ctx:
         raise EngineError(f"context size {tokens.shape[1]} exceeds the base model's n_ctx {base.cfg.n_ctx}")
     max_id = int(tokens.max())
@@ -179,7 +201,7 @@ def _validate(base: Any, finetunes: Sequence[tuple[str, Any]], sae: Any, tokens:
         raise EngineError(f"outlier_norm must be a positive number, 'auto' or None; got {options.outlier_norm!r}")
     if isinstance(options.outlier_norm, (int, float)) and not options.outlier_norm > 0:
         raise EngineError(f"outlier_norm must be a positive number; got {options.outlier_norm!r}")
-    return layer
+    return layers
 
 
 def _validate_model(name: str, model: Any, base: Any, max_id: int) -> None:
@@ -197,4 +219,3 @@ def _materialise(model_or_loader: Any) -> Any:
     if hasattr(model_or_loader, "cfg") or not callable(model_or_loader):
         return model_or_loader
     return model_or_loader()
-

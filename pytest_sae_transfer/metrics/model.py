@@ -45,6 +45,7 @@ class ModelBatch:
     ce_spliced: torch.Tensor | None = None
     ce_zero: torch.Tensor | None = None
     kl: torch.Tensor | None = None
+    x_spliced: torch.Tensor | None = None  # the engine's spliced input, until its continuation has run
 
     def finite_mask(self) -> torch.Tensor:
         """bool [B, T]: the token's activation, features and reconstruction are all finite
@@ -63,6 +64,19 @@ class ModelBatch:
         assert self.ce_clean is not None and self.ce_spliced is not None and self.ce_zero is not None and self.kl is not None
         ce_ok = torch.isfinite(self.ce_clean) & torch.isfinite(self.ce_spliced) & torch.isfinite(self.ce_zero)
         return ce_ok, torch.isfinite(self.kl)
+
+
+@dataclasses.dataclass
+class BatchStats:
+    """One batch's contribution to a :class:`ModelAccumulator`, measured without touching it:
+    a batch that fails half-way (out of memory) is retried, never counted twice."""
+
+    stats: torch.Tensor  # float64 [B, N_COLUMNS]
+    sum_x: torch.Tensor  # float64 [B, d_in]
+    fire: torch.Tensor  # float64 [d_sae] on the CPU: firings per feature
+    act_hist: torch.Tensor  # float64 [bins]
+    zero_acts: float
+    evaluated: torch.Tensor  # bool [B, T]
 
 
 class ModelAccumulator:
@@ -84,7 +98,19 @@ class ModelAccumulator:
 
     @torch.no_grad()
     def update(self, batch: ModelBatch, finite: torch.Tensor | None = None) -> torch.Tensor:
-        """Add one batch; returns the bool [B, T] mask of tokens that were evaluated."""
+        """Add one batch (with its losses, when this accumulator takes them); returns the bool
+        [B, T] mask of tokens that were evaluated."""
+        st = self.measure(batch, finite)
+        if self.with_losses:
+            if batch.ce_clean is None or batch.kl is None:
+                raise ValueError("this accumulator needs CE and KL values")
+            self.measure_losses(st, batch)
+        self.commit(st)
+        return st.evaluated
+
+    @torch.no_grad()
+    def measure(self, batch: ModelBatch, finite: torch.Tensor | None = None) -> BatchStats:
+        """One batch's activation statistics, without touching the accumulator."""
         if finite is None:
             finite = batch.finite_mask()
         included = batch.included
@@ -106,12 +132,12 @@ class ModelAccumulator:
         active = feats != 0
         # integer counts (exact, and cheaper than summing the mask as float64)
         stats[:, L0_SUM] = active.sum((1, 2)).to(f64)
-        self.fire_count += active.sum((0, 1)).to(device="cpu", dtype=f64)
+        fire = active.sum((0, 1)).to(device="cpu", dtype=f64)
         nonzero = feats[active].abs().clamp_min(1e-30).log10().to(f64)
         lo, hi = float(ACT_LOG10_EDGES[0]), float(ACT_LOG10_EDGES[-1])
         n_bins = len(ACT_LOG10_EDGES) - 1
-        self.act_hist += torch.histc(nonzero.clamp(lo, hi - 1e-9), bins=n_bins, min=lo, max=hi).cpu()
-        self.zero_act_count += float(evaluated.sum()) * self.d_sae - float(active.sum())
+        act_hist = torch.histc(nonzero.clamp(lo, hi - 1e-9), bins=n_bins, min=lo, max=hi).cpu()
+        zero_acts = float(evaluated.sum()) * self.d_sae - float(active.sum())
 
         rc = recon.unsqueeze(-1)
         x = torch.where(rc, batch.x, 0.0).to(f64)
@@ -124,26 +150,33 @@ class ModelAccumulator:
         norms = x.norm(dim=-1) * x_hat.norm(dim=-1)
         cos = (x * x_hat).sum(-1) / norms.clamp_min(1e-30)
         stats[:, COS_SUM] = torch.where(recon, cos, 0.0).sum(1)
-        sum_x = x.sum(1)
+        return BatchStats(stats=stats, sum_x=x.sum(1), fire=fire, act_hist=act_hist, zero_acts=zero_acts, evaluated=evaluated)
 
-        if self.with_losses:
-            if batch.ce_clean is None or batch.kl is None:
-                raise ValueError("this accumulator needs CE and KL values")
-            ce_ok, kl_ok = batch.loss_finite_masks()
-            ce_pos = evaluated[:, :-1] & ce_ok
-            kl_pos = evaluated & kl_ok
-            loss_bad = evaluated & ~kl_ok
-            loss_bad[:, :-1] |= evaluated[:, :-1] & ~ce_ok
-            stats[:, N_NONFINITE_LOSS] = loss_bad.sum(1, dtype=f64)
-            stats[:, CE_N] = ce_pos.sum(1, dtype=f64)
-            for col, ce in ((CE_CLEAN, batch.ce_clean), (CE_SPLICED, batch.ce_spliced), (CE_ZERO, batch.ce_zero)):
-                stats[:, col] = torch.where(ce_pos, ce, 0.0).sum(1, dtype=f64)
-            stats[:, KL_N] = kl_pos.sum(1, dtype=f64)
-            stats[:, KL_SUM] = torch.where(kl_pos, batch.kl, 0.0).sum(1, dtype=f64)
+    @staticmethod
+    @torch.no_grad()
+    def measure_losses(st: BatchStats, losses: ModelBatch) -> None:
+        """Fill ``st``'s loss columns from ``losses``' per-position CE and KL."""
+        f64 = torch.float64
+        stats, evaluated = st.stats, st.evaluated
+        ce_ok, kl_ok = losses.loss_finite_masks()
+        ce_pos = evaluated[:, :-1] & ce_ok
+        kl_pos = evaluated & kl_ok
+        loss_bad = evaluated & ~kl_ok
+        loss_bad[:, :-1] |= evaluated[:, :-1] & ~ce_ok
+        stats[:, N_NONFINITE_LOSS] = loss_bad.sum(1, dtype=f64)
+        stats[:, CE_N] = ce_pos.sum(1, dtype=f64)
+        for col, ce in ((CE_CLEAN, losses.ce_clean), (CE_SPLICED, losses.ce_spliced), (CE_ZERO, losses.ce_zero)):
+            stats[:, col] = torch.where(ce_pos, ce, 0.0).sum(1, dtype=f64)
+        stats[:, KL_N] = kl_pos.sum(1, dtype=f64)
+        stats[:, KL_SUM] = torch.where(kl_pos, losses.kl, 0.0).sum(1, dtype=f64)
 
-        self._context_stats.append(stats)
-        self._context_sum_x.append(sum_x)
-        return evaluated
+    def commit(self, st: BatchStats) -> None:
+        """Add a measured batch to the totals."""
+        self.fire_count += st.fire
+        self.act_hist += st.act_hist
+        self.zero_act_count += st.zero_acts
+        self._context_stats.append(st.stats)
+        self._context_sum_x.append(st.sum_x)
 
     # -- results ---------------------------------------------------------------
 

@@ -8,6 +8,7 @@ second pass and no [tokens x d_sae] tensor.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -20,6 +21,18 @@ EUCLID_LOG10_EDGES = torch.linspace(-4.0, 5.0, 181, dtype=torch.float64)
 
 # Per-context columns, for the bootstrap of the residual means.
 P_N, P_COS, P_EUC = range(3)
+
+
+@dataclasses.dataclass
+class PairBatchStats:
+    """One batch's contribution to a :class:`PairedAccumulator`, measured without touching it."""
+
+    n: float
+    sums: torch.Tensor  # float64 [6, d_sae]: Σa, Σb, Σa², Σb², Σab, Σ|log err|, on the CPU
+    pos: torch.Tensor  # float64 [3, T]: count, cosine sum, distance sum per position
+    context: torch.Tensor  # float64 [B, 3]
+    cos_hist: torch.Tensor
+    euc_hist: torch.Tensor
 
 
 class PairedAccumulator:
@@ -42,15 +55,13 @@ class PairedAccumulator:
         self._context_stats = RowTable(3)
 
     @torch.no_grad()
-    def update(
-        self,
-        x_base: torch.Tensor,
-        x_ft: torch.Tensor,
-        f_base: torch.Tensor,
-        f_ft: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> None:
+    def update(self, x_base: torch.Tensor, x_ft: torch.Tensor, f_base: torch.Tensor, f_ft: torch.Tensor, mask: torch.Tensor) -> None:
         """x_*: [B, T, d_in]; f_*: [B, T, d_sae]; mask: bool [B, T] of tokens to use."""
+        self.commit(self.measure(x_base, x_ft, f_base, f_ft, mask))
+
+    @torch.no_grad()
+    def measure(self, x_base: torch.Tensor, x_ft: torch.Tensor, f_base: torch.Tensor, f_ft: torch.Tensor, mask: torch.Tensor) -> PairBatchStats:
+        """One batch's sums, without touching the accumulator."""
         f64 = torch.float64
         xb = x_base.to(f64)
         xf = x_ft.to(f64)
@@ -59,34 +70,40 @@ class PairedAccumulator:
         m = mask.to(f64)
         cos = torch.where(mask, cos, 0.0)
         euc = torch.where(mask, euc, 0.0)
-        T = mask.shape[1]
-        self.pos_n[:T] += m.sum(0).cpu()
-        self.pos_cos[:T] += cos.sum(0).cpu()
-        self.pos_euc[:T] += euc.sum(0).cpu()
-        ctx = torch.stack([m.sum(1), cos.sum(1), euc.sum(1)], dim=1)
-        self._context_stats.append(ctx)
-
         sel_cos = cos[mask]
         sel_euc = euc[mask].clamp_min(1e-30).log10()
-        self.cos_hist += _hist(sel_cos, COSINE_EDGES).cpu()
-        self.euc_hist += _hist(sel_euc, EUCLID_LOG10_EDGES).cpu()
 
         a = f_base[mask]
         b = f_ft[mask]
-        self.n += float(a.shape[0])
-        self.sum_a += a.sum(0, dtype=f64).cpu()
-        self.sum_b += b.sum(0, dtype=f64).cpu()
-        self.sum_aa += (a * a).sum(0, dtype=f64).cpu()
-        self.sum_bb += (b * b).sum(0, dtype=f64).cpu()
-        self.sum_ab += (a * b).sum(0, dtype=f64).cpu()
-        # The SPEC's dead-feature error: |log10(max(a,0)+ε) − log10(max(b,0)+ε)|, summed per
+        # The dead-feature error: |log10(max(a,0)+ε) − log10(max(b,0)+ε)|, summed per
         # feature. Where neither activation is positive the term is exactly 0, so only the
         # (sparse) entries where one is positive are evaluated.
         rows, cols = ((a > 0) | (b > 0)).nonzero(as_tuple=True)
         log_a = a[rows, cols].clamp_min(0).to(f64).add_(LOG_EPS).log10_()
         log_b = b[rows, cols].clamp_min(0).to(f64).add_(LOG_EPS).log10_()
         log_err = torch.zeros(self.d_sae, dtype=f64, device=a.device).index_add_(0, cols, log_a.sub_(log_b).abs_())
-        self.sum_log_err += log_err.cpu()
+        return PairBatchStats(
+            n=float(a.shape[0]),
+            sums=torch.stack([a.sum(0, dtype=f64), b.sum(0, dtype=f64), (a * a).sum(0, dtype=f64),
+                              (b * b).sum(0, dtype=f64), (a * b).sum(0, dtype=f64), log_err]).cpu(),
+            pos=torch.stack([m.sum(0), cos.sum(0), euc.sum(0)]).cpu(),
+            context=torch.stack([m.sum(1), cos.sum(1), euc.sum(1)], dim=1),
+            cos_hist=_hist(sel_cos, COSINE_EDGES).cpu(),
+            euc_hist=_hist(sel_euc, EUCLID_LOG10_EDGES).cpu(),
+        )
+
+    def commit(self, st: PairBatchStats) -> None:
+        """Add a measured batch to the totals."""
+        T = st.pos.shape[1]
+        self.pos_n[:T] += st.pos[0]
+        self.pos_cos[:T] += st.pos[1]
+        self.pos_euc[:T] += st.pos[2]
+        self._context_stats.append(st.context)
+        self.cos_hist += st.cos_hist
+        self.euc_hist += st.euc_hist
+        self.n += st.n
+        for total, part in zip((self.sum_a, self.sum_b, self.sum_aa, self.sum_bb, self.sum_ab, self.sum_log_err), st.sums):
+            total += part
 
     def context_table(self) -> torch.Tensor:
         return self._context_stats.table()

@@ -76,8 +76,9 @@ def weight_deviation(base_blocks: list[dict[str, torch.Tensor]], finetune: Any) 
     return out
 
 
-def weight_metrics(base: Any, finetune: Any, W_dec: torch.Tensor, W_U_base: torch.Tensor) -> dict[str, Any]:
-    """Weight-only paired metrics; ``base`` is the base model or its blocks' parameters."""
+def weight_metrics(base: Any, finetune: Any, W_decs: dict[str, torch.Tensor], W_U_base: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """Weight-only paired metrics, per SAE key (logit similarity depends on the SAE's decoder;
+    the rest is computed once). ``base`` is the base model or its blocks' parameters."""
     notes: list[str] = []
     V_base = W_U_base.shape[1]
     V_ft = finetune.cfg.d_vocab_out
@@ -88,11 +89,12 @@ def weight_metrics(base: Any, finetune: Any, W_dec: torch.Tensor, W_U_base: torc
         )
     W_U_ft = folded_unembed(finetune)
     base_blocks = base if isinstance(base, list) else [dict(b.named_parameters()) for b in base.blocks]
-    return {
-        "logit_similarity": logit_similarity(W_dec, W_U_base, W_U_ft, n_vocab),
+    shared = {
         "unembed_frobenius_ratio": frobenius_ratio(W_U_ft[:, :n_vocab], W_U_base[:, :n_vocab].to(W_U_ft.device)),
         "weight_deviation": weight_deviation(base_blocks, finetune),
         "n_shared_vocab": n_vocab,
-        "notes": notes,
     }
-
+    return {
+        key: {"logit_similarity": logit_similarity(W_dec, W_U_base, W_U_ft, n_vocab), **shared, "notes": list(notes)}
+        for key, W_dec in W_decs.items()
+    }

@@ -24,15 +24,15 @@ from pytest_sae_transfer.session.cache import ResultCache
 def _inject_oom(monkeypatch: pytest.MonkeyPatch, max_batch: int) -> list[int]:
     """Make the engine's forward pass raise CUDA's out-of-memory error above ``max_batch`` contexts."""
     seen: list[int] = []
-    real = ModelRunner.to_hook
+    real = ModelRunner.capture
 
-    def to_hook(self: Any, tokens: torch.Tensor) -> torch.Tensor:
+    def capture(self: Any, tokens: torch.Tensor, layers: Any) -> Any:
         seen.append(int(tokens.shape[0]))
         if tokens.shape[0] > max_batch:
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 20.00 GiB (batch of {tokens.shape[0]})")
-        return real(self, tokens)
+        return real(self, tokens, layers)
 
-    monkeypatch.setattr(ModelRunner, "to_hook", to_hook)
+    monkeypatch.setattr(ModelRunner, "capture", capture)
     return seen
 
 
