@@ -41,8 +41,8 @@ class OptionSpec:
 
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("sae_release", "--sae-release", "sae_release", "SAE release: a sae_lens registry name (e.g. gemma-2b-res-jb) or the bundled 'toy-res'", metavar="NAME"),
-    OptionSpec("sae_id", "--sae-id", "sae_id", "SAE id within the release (e.g. blocks.6.hook_resid_post)", metavar="ID"),
-    OptionSpec("sae_path", "--sae-path", "sae_path", "a local SAE directory (cfg.json + sae_weights.safetensors) instead of a release", metavar="DIR"),
+    OptionSpec("sae_ids", "--sae-id", "sae_id", "SAE id within the release (e.g. blocks.6.hook_resid_post), a glob over its ids ('blocks.*.hook_resid_post') or 'all'; repeat for several (ini: one per line; env: comma-separated)", kind="list", metavar="ID"),
+    OptionSpec("sae_paths", "--sae-path", "sae_path", "a local SAE directory (cfg.json + sae_weights.safetensors), or a directory holding several, instead of a release; repeat for several", kind="list", metavar="DIR"),
     OptionSpec("base_model", "--base-model", "sae_base_model", "base model: a TransformerLens name, a local HF checkpoint or a zoo name (default: the model in the SAE's metadata)", metavar="MODEL"),
     OptionSpec("finetunes", "--finetune", "sae_finetunes", "a finetune to gate: HF id, local path or zoo name; repeat for several (ini: one per line; env: comma-separated)", kind="list", metavar="MODEL"),
     OptionSpec("dataset", "--sae-dataset", "sae_dataset", "eval text: hub dataset, local .txt/.json/.jsonl/.parquet, or saved datasets dir (default: the SAE's metadata dataset)", metavar="DATASET"),
@@ -74,8 +74,8 @@ class RunConfig:
     """Everything that says what to evaluate and how."""
 
     sae_release: str | None = None
-    sae_id: str | None = None
-    sae_path: str | None = None
+    sae_ids: tuple[str, ...] = ()
+    sae_paths: tuple[str, ...] = ()
     base_model: str | None = None
     finetunes: tuple[str, ...] = ()
     dataset: str | None = None
@@ -105,7 +105,7 @@ class RunConfig:
 
     @property
     def has_sae(self) -> bool:
-        return bool(self.sae_release or self.sae_path)
+        return bool(self.sae_release or self.sae_paths)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -193,8 +193,9 @@ def resolve(config: pytest.Config) -> RunConfig:
 def validate(values: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from already-typed values, rejecting invalid or contradictory ones."""
     values = {k: v for k, v in values.items() if v is not None}
-    if "finetunes" in values:
-        values["finetunes"] = tuple(dict.fromkeys(values["finetunes"]))  # repeated names run once
+    for dest in ("finetunes", "sae_ids", "sae_paths"):
+        if dest in values:
+            values[dest] = tuple(dict.fromkeys(values[dest]))  # repeated names run once
     for dest in ("n_tokens", "batch_size", "context_size", "n_bootstrap"):
         value = values.get(dest)
         if value is None:
@@ -203,9 +204,9 @@ def validate(values: dict[str, Any]) -> RunConfig:
         minimum = 0 if dest == "n_bootstrap" else (2 if dest == "context_size" else 1)
         if value < minimum:
             raise ConfigError(f"{flag} must be at least {minimum}; got {value}")
-    if values.get("sae_release") and values.get("sae_path"):
+    if values.get("sae_release") and values.get("sae_paths"):
         raise ConfigError("--sae-release and --sae-path both name an SAE; give one of them")
-    if values.get("sae_id") and not values.get("sae_release"):
+    if values.get("sae_ids") and not values.get("sae_release"):
         raise ConfigError("--sae-id needs --sae-release (a local SAE from --sae-path has no id)")
     if "outlier_norm" in values:
         values["outlier_norm"] = parse_outlier_norm(values["outlier_norm"])
@@ -225,7 +226,7 @@ def validate(values: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"--sae-report {values['report']!r} is a directory; give a file path ending in .json")
     if values.get("report_dir") and Path(values["report_dir"]).exists() and not Path(values["report_dir"]).is_dir():
         raise ConfigError(f"--sae-report-dir {values['report_dir']!r} exists and is not a directory")
-    if values.get("finetunes") and not (values.get("sae_release") or values.get("sae_path")):
+    if values.get("finetunes") and not (values.get("sae_release") or values.get("sae_paths")):
         raise ConfigError("--finetune needs an SAE: pass --sae-release NAME (for example toy-res) or --sae-path DIR")
     return RunConfig(**values)
 
@@ -254,8 +255,10 @@ def parse_outlier_norm(raw: Any) -> float | str | None:
 MARKER_KEYS: dict[str, str] = {
     "release": "sae_release",
     "sae_release": "sae_release",
-    "sae_id": "sae_id",
-    "sae_path": "sae_path",
+    "sae_id": "sae_ids",
+    "sae_ids": "sae_ids",
+    "sae_path": "sae_paths",
+    "sae_paths": "sae_paths",
     "base_model": "base_model",
     "finetune": "finetunes",
     "finetunes": "finetunes",
@@ -281,20 +284,20 @@ def from_marker(base: RunConfig, kwargs: dict[str, Any], where: str = "") -> Run
             close = difflib.get_close_matches(key, list(MARKER_KEYS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where}@pytest.mark.sae_transfer: unknown keyword {key!r}{hint}; valid: {', '.join(sorted(set(MARKER_KEYS)))}")
-        if dest == "finetunes":
+        if dest in ("finetunes", "sae_ids", "sae_paths"):
             value = (value,) if isinstance(value, str) else tuple(value)
-        if dest in ("sae_release", "sae_path"):
+        if dest in ("sae_release", "sae_paths"):
             explicit_sae = True
         values[dest] = value
     if explicit_sae:
         # A marker naming its own SAE replaces the command line's SAE entirely.
-        if "sae_path" not in [MARKER_KEYS.get(k) for k in kwargs]:
-            values["sae_path"] = None
-        if "sae_release" not in [MARKER_KEYS.get(k) for k in kwargs]:
+        named = {MARKER_KEYS.get(k) for k in kwargs}
+        if "sae_paths" not in named:
+            values["sae_paths"] = ()
+        if "sae_release" not in named:
             values["sae_release"] = None
-            values["sae_id"] = None
-        elif "sae_id" not in kwargs:
-            values["sae_id"] = None
+        if "sae_ids" not in named:
+            values["sae_ids"] = ()
     try:
         return validate(values)
     except ConfigError as exc:

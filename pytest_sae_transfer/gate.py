@@ -1,7 +1,9 @@
-"""The built-in gate: one test item per (finetune, check).
+"""The built-in gate: one test item per (finetune, SAE, check).
 
-Items are created from the threshold profile alone, so collection needs no
-model. Each item's id reads like ``toy-code::finetune.ce_loss_delta<=0.5``.
+Items are created from the threshold profile and the SAEs' names alone, so
+collection needs no model. An item's id reads ``toy-code::finetune.ce_loss_delta<=0.5``
+with one SAE, and ``toy-code::blocks.2.hook_resid_post::finetune.ce_loss_delta<=0.5``
+when the run gates several (``-k blocks.2`` then selects an SAE).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ class GateFailure(Exception):
 class GateCollector(pytest.Collector):
     """All checks for one finetune."""
 
-    def __init__(self, *, finetune: str, planned: list[tuple[str, str, str]], **kwargs: Any) -> None:
+    def __init__(self, *, finetune: str, sae_keys: list[str], planned: list[tuple[str, str, str]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.finetune = finetune
+        self.sae_keys = sae_keys
         self.planned = planned
 
     def collect(self) -> list[pytest.Item]:
@@ -42,10 +45,12 @@ class GateCollector(pytest.Collector):
         # each finetune's items. xdist reads the group from a "@group" nodeid suffix; its own
         # rewrite of xdist_group marks runs before these items exist, so it is applied here.
         group = f"@sae-transfer-{self.finetune}" if getattr(self.config.option, "loadgroup", False) else ""
-        for check_id, metric, severity in self.planned:
-            item = GateItem.from_parent(self, name=check_id, nodeid=f"{self.nodeid}::{check_id}{group}", finetune=self.finetune,
-                                        check_id=check_id, metric=metric, severity=severity)
-            items.append(item)
+        several = len(self.sae_keys) > 1
+        for sae_key in self.sae_keys:
+            for check_id, metric, severity in self.planned:
+                name = f"{sae_key}::{check_id}" if several else check_id
+                items.append(GateItem.from_parent(self, name=name, nodeid=f"{self.nodeid}::{name}{group}", finetune=self.finetune,
+                                                  sae_key=sae_key, check_id=check_id, metric=metric, severity=severity))
         return items
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
@@ -53,16 +58,17 @@ class GateCollector(pytest.Collector):
 
 
 class GateItem(pytest.Item):
-    def __init__(self, *, finetune: str, check_id: str, metric: str, severity: str, **kwargs: Any) -> None:
+    def __init__(self, *, finetune: str, sae_key: str, check_id: str, metric: str, severity: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.finetune = finetune
+        self.sae_key = sae_key
         self.check_id = check_id
         self.metric = metric
         self.severity = severity
 
     def runtest(self) -> None:
         report = self.config.stash[STATE_KEY].gate_report(self.finetune)
-        check = _find_check(report, self.finetune, self.check_id)
+        check = _find_check(report.sae(self.sae_key), self.finetune, self.check_id)
         for key, value in _properties(check).items():
             self.user_properties.append((key, value))
         if check.passed:
@@ -74,12 +80,13 @@ class GateItem(pytest.Item):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, (GateFailure, InputError)):
-            return f"{self.finetune}: {excinfo.value}"
+            several = len(getattr(self.parent, "sae_keys", ())) > 1
+            return f"{self.finetune} @ {self.sae_key}: {excinfo.value}" if several else f"{self.finetune}: {excinfo.value}"
         return super().repr_failure(excinfo)
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
         # Not a suffix of the nodeid: pytest would rewrite its dots as "::" for display.
-        return self.path, None, f"sae-transfer check {self.check_id} of {self.finetune}"
+        return self.path, None, f"sae-transfer check {self.check_id} of {self.finetune} with {self.sae_key}"
 
 
 def _find_check(report: TransferReport, finetune: str, check_id: str) -> CheckResult:
@@ -99,8 +106,8 @@ def _properties(check: CheckResult) -> dict[str, Any]:
     return props
 
 
-def gate_items(session: pytest.Session, finetunes: tuple[str, ...], profile: Profile) -> list[pytest.Item]:
-    """Every finetune's gate items, from the profile's planned checks."""
+def gate_items(session: pytest.Session, finetunes: tuple[str, ...], sae_keys: list[str], profile: Profile) -> list[pytest.Item]:
+    """Every (finetune, SAE)'s gate items, from the profile's planned checks."""
     planned = planned_checks(profile)
     config = session.config
     # Rooted at the invocation directory, so pytest shows "toy-code::..." wherever it runs
@@ -112,6 +119,7 @@ def gate_items(session: pytest.Session, finetunes: tuple[str, ...], profile: Pro
     prefix = "" if here == "." else here + "/"
     items: list[pytest.Item] = []
     for finetune in finetunes:
-        collector = GateCollector.from_parent(session, name=finetune, nodeid=prefix + finetune, finetune=finetune, planned=planned)
+        collector = GateCollector.from_parent(session, name=finetune, nodeid=prefix + finetune, finetune=finetune,
+                                              sae_keys=sae_keys, planned=planned)
         items.extend(collector.collect())
     return items

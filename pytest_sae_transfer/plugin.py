@@ -14,6 +14,7 @@ import pytest
 from . import config as config_mod
 from .errors import InputError
 from .gate import SKIP_NO_FINETUNE, GateItem, gate_items
+from .loading import plan_sae_keys
 from .state import STATE_KEY, PluginState, Target
 
 pytest.register_assert_rewrite("pytest_sae_transfer.assertions")
@@ -79,7 +80,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     """Append the gate's items (before -k/-m deselection sees them)."""
     state = config.stash.get(STATE_KEY, None)
     if state is not None and state.gate_active:
-        items.extend(gate_items(session, state.run_config.finetunes, state.profile))
+        with _usage_errors():
+            items.extend(gate_items(session, state.run_config.finetunes, state.sae_keys, state.profile))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -133,7 +135,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             run_config = config_mod.from_marker(base, dict(marker.kwargs), where)
     index = state.config_index(run_config)
     finetunes: list[str | None] = list(run_config.finetunes) or [None]
-    targets = [Target(index, ft) for ft in finetunes]
+    sae_keys: list[str | None] = [None]
+    if run_config.has_sae:
+        with _usage_errors():
+            sae_keys = list(plan_sae_keys(run_config.sae_release, run_config.sae_ids, run_config.sae_paths))
+    several = len(sae_keys) > 1
+    targets = [Target(index, ft, key, several) for ft in finetunes for key in sae_keys]
     metafunc.parametrize("_sae_transfer_target", targets, ids=[repr(t) for t in targets], indirect=True, scope="session")
 
 
@@ -171,9 +178,10 @@ def sae_transfer_config(sae_transfer_session: Any) -> config_mod.RunConfig:
 
 
 @pytest.fixture(scope="session")
-def sae(sae_transfer_session: Any) -> Any:
-    """The sae_lens SAE under test."""
-    return _call(lambda: sae_transfer_session.sae.sae)
+def sae(sae_transfer_session: Any, _sae_transfer_target: Target) -> Any:
+    """The sae_lens SAE under test (parametrized over the configured SAEs)."""
+    key = _sae_transfer_target.sae_key
+    return _call(lambda: (sae_transfer_session.inputs.sae_by_key(key) if key else sae_transfer_session.sae).sae)
 
 
 @pytest.fixture(scope="session")
@@ -202,7 +210,7 @@ def finetune_model(sae_transfer_session: Any, finetune_name: str) -> Any:
 
 
 @pytest.fixture(scope="session")
-def transfer_result(sae_transfer_session: Any, finetune_name: str) -> Any:
-    """A PairResult: every metric by attribute (result.ce_loss_delta, result.base.l0,
-    result.resid_cosine_mean) and the per-feature arrays (result.activation_similarity)."""
-    return _call(lambda: sae_transfer_session.pair(finetune_name))
+def transfer_result(sae_transfer_session: Any, finetune_name: str, _sae_transfer_target: Target) -> Any:
+    """A PairResult for one (finetune, SAE): every metric by attribute (result.ce_loss_delta,
+    result.base.l0, result.resid_cosine_mean) and the per-feature arrays (result.activation_similarity)."""
+    return _call(lambda: sae_transfer_session.pair(finetune_name, _sae_transfer_target.sae_key))

@@ -22,19 +22,25 @@ from typing import Any
 import pytest
 
 from .config import RunConfig
-from .report import FeatureArrays, TransferReport
+from .loading import plan_sae_keys
+from .report import FeatureArrays, RunReport, TransferReport
 from .thresholds import Profile, load_profile, profile_for_release
 
 
 @dataclasses.dataclass
 class Target:
-    """What a test's fixtures point at: a configuration and (maybe) one finetune."""
+    """What a test's fixtures point at: a configuration, (maybe) one finetune, and one of its
+    SAEs (``sae_key``; None: the configuration's first). ``several``: the configuration has
+    more than one SAE, so the test id names it."""
 
     config_index: int
     finetune: str | None
+    sae_key: str | None = None
+    several: bool = False
 
     def __repr__(self) -> str:
-        return self.finetune or "no-finetune"
+        name = self.finetune or "no-finetune"
+        return f"{name}-{self.sae_key}" if self.several else name
 
 
 class PluginState:
@@ -49,8 +55,9 @@ class PluginState:
         self.configs: list[RunConfig] = []
         self.sessions: dict[int, Any] = {}
         self._profiles: dict[str, Profile] = {}
-        self.gate_reports: dict[str, TransferReport] = {}
-        self.final_report: TransferReport | None = None
+        self.gate_reports: dict[str, RunReport] = {}
+        self.final_report: RunReport | None = None
+        self._sae_keys: list[str] | None = None
         self.worker_payloads: list[dict[str, Any]] = []
         self.written: list[str] = []
         self.write_error: str | None = None
@@ -106,7 +113,16 @@ class PluginState:
             return contextlib.nullcontext()
         return capman.global_and_fixture_disabled()
 
-    def gate_report(self, finetune: str) -> TransferReport:
+    @property
+    def sae_keys(self) -> list[str]:
+        """The gate's SAEs, named from the configuration alone (no weights loaded)."""
+        if self._sae_keys is None:
+            assert self.run_config is not None
+            c = self.run_config
+            self._sae_keys = plan_sae_keys(c.sae_release, c.sae_ids, c.sae_paths)
+        return self._sae_keys
+
+    def gate_report(self, finetune: str) -> RunReport:
         if finetune not in self.gate_reports:
             self.gate_reports[finetune] = self.gate_session().report([finetune])
         return self.gate_reports[finetune]
@@ -127,16 +143,16 @@ class PluginState:
             self._publish()
             return
         if self.is_xdist_controller:
-            parts = [TransferReport.read_json(p["path"]) for p in self.worker_payloads]
+            parts = [RunReport.read_json(p["path"]) for p in self.worker_payloads]
             for payload in self.worker_payloads:  # read in full above: the workers' scratch copies can go
                 shutil.rmtree(os.path.dirname(payload["path"]), ignore_errors=True)
-            report = merge_reports(parts)
+            report = merge_reports(parts, from_workers=True)
         else:
             report = self._own_report()
         if report is None:
             return
         assert self.run_config is not None
-        self.final_report = order_like(report, self.run_config.finetunes)
+        self.final_report = order_like(report, self.run_config.finetunes, self.sae_keys)
         try:
             self.written = write_outputs(self.final_report, self.run_config)
         except OSError as exc:
@@ -145,11 +161,13 @@ class PluginState:
             if session.exitstatus == 0:
                 session.exitstatus = pytest.ExitCode.USAGE_ERROR
 
-    def _own_report(self) -> TransferReport | None:
+    def _own_report(self) -> RunReport | None:
         report = merge_reports(list(self.gate_reports.values()))
         if report is not None:
             # The reports were built one by one; record what this process did over the whole run.
-            report.config["provenance"] = dict(self.gate_session().provenance)
+            provenance = self.gate_session().provenance
+            for sae_report in report.saes:
+                sae_report.config["provenance"] = dict(provenance.get(sae_report.sae_key, {}))
         return report
 
     def _publish(self) -> None:
@@ -176,36 +194,62 @@ class PluginState:
 STATE_KEY = pytest.StashKey[PluginState]()
 
 
-def merge_reports(parts: list[TransferReport]) -> TransferReport | None:
-    """One report from per-finetune or per-worker reports (finetunes in first-seen order)."""
+def merge_reports(parts: list[RunReport], from_workers: bool = False) -> RunReport | None:
+    """One report from per-finetune or per-worker reports: per SAE, finetunes in first-seen order.
+
+    Under xdist each worker's report holds the finetunes it owned; every SAE's config
+    records which worker computed what (``provenance_by_worker``: the base must be
+    computed once)."""
     if not parts:
         return None
-    first = parts[0]
-    features = FeatureArrays()
-    finetunes = []
-    seen: set[str] = set()
+    merged: dict[str, TransferReport] = {}
+    seen: dict[str, set[str]] = {}
+    provenance: dict[str, list[dict[str, str]]] = {}
     for part in parts:
-        if part.features is not None:
-            features.histograms.update(part.features.histograms)
-            features.vectors.update(part.features.vectors)
-        for ft in part.finetunes:
-            if ft.model not in seen:
-                seen.add(ft.model)
-                finetunes.append(ft)
-    config = dict(first.config)
-    if len(parts) > 1:
-        # Under xdist: which worker computed what (the base must be computed once).
-        config["provenance_by_worker"] = [part.config.get("provenance", {}) for part in parts]
-    return TransferReport(config=config, base=first.base, finetunes=finetunes, features=features)
+        for report in part.saes:
+            key = report.sae_key
+            if key not in merged:
+                merged[key] = TransferReport(config=dict(report.config), base=report.base, finetunes=[], features=FeatureArrays())
+                seen[key] = set()
+                provenance[key] = []
+            target = merged[key]
+            provenance[key].append(dict(report.config.get("provenance") or {}))
+            if report.features is not None:
+                assert target.features is not None
+                target.features.histograms.update(report.features.histograms)
+                target.features.vectors.update(report.features.vectors)
+            for ft in report.finetunes:
+                if ft.model not in seen[key]:
+                    seen[key].add(ft.model)
+                    target.finetunes.append(ft)
+    if from_workers:
+        for key, target in merged.items():
+            target.config["provenance_by_worker"] = provenance[key]
+            target.config["provenance"] = _union(provenance[key])
+    return RunReport(list(merged.values()))
 
 
-def order_like(report: TransferReport, names: tuple[str, ...]) -> TransferReport:
-    rank = {name: i for i, name in enumerate(names)}
-    report.finetunes.sort(key=lambda ft: rank.get(ft.model, len(rank)))
+def _union(provenances: list[dict[str, str]]) -> dict[str, str]:
+    """Every model's provenance over the workers: "computed" where any worker computed it."""
+    out: dict[str, str] = {}
+    for prov in provenances:
+        for name, how in prov.items():
+            if out.get(name) != "computed":
+                out[name] = how
+    return out
+
+
+def order_like(report: RunReport, finetunes: tuple[str, ...], sae_keys: list[str]) -> RunReport:
+    """SAEs in the run's order, and each SAE's finetunes in the order they were named."""
+    rank = {name: i for i, name in enumerate(finetunes)}
+    sae_rank = {key: i for i, key in enumerate(sae_keys)}
+    report.saes.sort(key=lambda r: sae_rank.get(r.sae_key, len(sae_rank)))
+    for sae_report in report.saes:
+        sae_report.finetunes.sort(key=lambda ft: rank.get(ft.model, len(rank)))
     return report
 
 
-def write_outputs(report: TransferReport, run_config: RunConfig) -> list[str]:
+def write_outputs(report: RunReport, run_config: RunConfig) -> list[str]:
     """The JSON report, the report directory and the GitHub step summary, as asked for."""
     from .render import append_github_step_summary, write_report_dir
 

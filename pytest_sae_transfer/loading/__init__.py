@@ -24,6 +24,7 @@ from .common import (
 )
 from .models import LoadedModel, load_model, model_identity
 from .sae import LoadedSAE, check_sae_config, load_sae, registry_releases, registry_sae_ids
+from .sae_set import load_sae_set, natural_key, plan_sae_keys, select_sae_ids
 from .tokens import TokenSet, iter_dataset_rows, load_tokens, special_token_ids
 
 __all__ = [
@@ -39,6 +40,10 @@ __all__ = [
     "iter_dataset_rows",
     "load_model",
     "load_sae",
+    "load_sae_set",
+    "natural_key",
+    "plan_sae_keys",
+    "select_sae_ids",
     "load_tokens",
     "model_identity",
     "nearest",

@@ -28,6 +28,7 @@ class LoadedSAE:
     sae_id: str | None
     path: str | None
     identity: str
+    key: str = "sae"  # names this SAE's results in a run (its id, or its directory's name)
 
     @property
     def metadata(self) -> Any:
@@ -59,7 +60,7 @@ class LoadedSAE:
         return dict(self.sae.cfg.metadata.model_from_pretrained_kwargs or {})
 
     def describe(self) -> dict[str, Any]:
-        return {"sae_release": self.release, "sae_id": self.sae_id, "sae_path": self.path, "sae_kind": self.kind,
+        return {"sae_key": self.key, "sae_release": self.release, "sae_id": self.sae_id, "sae_path": self.path, "sae_kind": self.kind,
                 "sae_architecture": self.sae.cfg.architecture(), "d_in": self.sae.cfg.d_in, "d_sae": self.sae.cfg.d_sae}
 
 

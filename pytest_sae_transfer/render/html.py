@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..report import TransferReport
+from ..report import FinetuneResult, RunReport, TransferReport
+from .family import as_run, family_rows
 from .plots import PLOT_CAPTIONS
 from .text import (
     all_notes,
@@ -109,93 +110,148 @@ def _figure_html(name: str, path: str, caption: str) -> str:
             f"<figcaption>{_e(caption)} · <code>{_e(name)}</code></figcaption></figure>")
 
 
-def html_page(report: TransferReport, plot_files: Mapping[str, str | os.PathLike[str]]) -> str:
+def html_page(report: RunReport | TransferReport, plot_files: Mapping[str, str | os.PathLike[str]]) -> str:
     """One self-contained HTML page: metric tables, checks and the plots embedded as base64 data URIs.
 
     ``plot_files`` maps plot names to image paths, as returned by
-    :func:`pytest_sae_transfer.plots.make_all_plots` (names ``"<finetune>/<kind>"``
-    are shown in that finetune's section, any other name under "Other plots").
+    :func:`pytest_sae_transfer.render.plots.make_all_plots` (names ``"<finetune>/<kind>"``
+    are shown in that finetune's section; in a run of several SAEs, ``"<sae>/<finetune>/<kind>"``
+    in that SAE's, and ``"<finetune>/layer_profile"`` at the top; any other name under
+    "Other plots").
     """
-    title = report_title(report)
-    status, detail = overall_verdict(report)
-    cfg = report.config
-    body: list[str] = []
-    body.append("<header>")
-    body.append(f"<h1>{_e(title)}</h1>")
-    body.append(f'<p><span class="badge {_e(status.replace(" ", "-"))}">{_e(status)}</span> {_e(detail)}</p>')
-    body.append('<p class="sub">' + " · ".join(f"<b>{_e(k)}</b> {_e(v)}" for k, v in run_facts(report)) + "</p>")
-    if len(report.finetunes) > 1:
-        body.append("<nav>" + "".join(
-            f'<a href="#ft-{i}">{_e(ft.model)}: {_e(finetune_verdict(ft)[0])}</a>'
-            for i, ft in enumerate(report.finetunes)) + "</nav>")
-    body.append("</header><main>")
-
-    notes = all_notes(report)
-    if notes:
-        body.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
-
+    run = as_run(report)
     remaining = {str(k): str(v) for k, v in plot_files.items()}
-    for i, ft in enumerate(report.finetunes):
-        fstatus, fdetail = finetune_verdict(ft)
-        body.append(f'<section class="finetune" id="ft-{i}">')
-        body.append(f'<h2><span class="badge {_e(fstatus.replace(" ", "-"))}">{_e(fstatus)}</span> '
-                    f"{_e(ft.model)} <small>({_e(fdetail)})</small></h2>")
-        if ft.notes:
-            body.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in ft.notes) + "</ul>")
-
-        mrows = []
-        for key in metric_keys(report, ft, full=True):
-            b, f = report.base.metrics.get(key), ft.metrics.get(key)
-            mark = check_marker(ft, (f"base.{key}", f"finetune.{key}"))
-            cls = {"✗": "fail", "!": "warn"}.get(mark, "")
-            mrows.append(([(f"<code>{_e(key)}</code>", ""), (_e(fmt_num(b)), "num"),
-                           (_e(fmt_ci(report.base.ci95.get(key))), "num"), (_e(fmt_num(f)), "num"),
-                           (_e(fmt_ci(ft.ci95.get(key))), "num"), (_e(fmt_delta(b, f, key)), "num"),
-                           (_sym_html(mark), "sym")], cls))
-        prows = []
-        for key in paired_keys(ft):
-            mark = check_marker(ft, (f"paired.{key}",))
-            cls = {"✗": "fail", "!": "warn"}.get(mark, "")
-            prows.append(([(f"<code>{_e(key)}</code>", ""), (_e(fmt_paired(key, ft.paired.get(key))), "num"),
-                           (_e(fmt_ci(ft.paired_ci95.get(key))), "num"), (_sym_html(mark), "sym")], cls))
-        body.append('<div class="tables">')
-        if mrows:
-            body.append("<div><h3>Per-model metrics</h3>" + _html_table(
-                ["metric", "base", "base ci95", "finetune", "finetune ci95", "Δ (ft − base)", ""], mrows) + "</div>")
-        if prows:
-            body.append("<div><h3>Paired metrics (base vs finetune)</h3>" + _html_table(
-                ["metric", "value", "ci95", ""], prows) + "</div>")
-        body.append("</div>")
-
-        if ft.checks:
-            crows = []
-            for c in sorted_checks(ft.checks):
-                sym = check_symbol(c)
-                cls = {"✗": "fail", "!": "warn"}.get(sym, "")
-                crows.append(([(_sym_html(sym), "sym"), (f"<code>{_e(c.id)}</code>", ""),
-                               (f"<code>{_e(check_expr(c))}</code>", ""), (_e(check_value(c)), ""),
-                               (_e(c.severity), ""), (_e(c.message), "")], cls))
-            body.append("<h3>Checks</h3>" + _html_table(["", "id", "check", "value", "severity", "message"], crows))
-
-        figs = []
-        for kind, caption in PLOT_CAPTIONS.items():
-            name = f"{ft.model}/{kind}"
-            if name in remaining:
-                figs.append(_figure_html(name, remaining.pop(name), caption))
-        if figs:
-            body.append('<h3>Plots</h3><div class="plots">' + "".join(figs) + "</div>")
-        body.append("</section>")
-
+    if len(run.saes) == 1:
+        single = run.saes[0]
+        title = report_title(single)
+        body = _sae_body(single, remaining, plot_prefix="", anchor="ft")
+    else:
+        title = f"SAE transfer: {len(run.saes)} SAEs — {run.saes[0].base.model} → {', '.join(run.finetune_names)}"
+        body = _family_body(run, remaining)
     if remaining:
         body.append('<section class="finetune"><h2>Other plots</h2><div class="plots">'
                     + "".join(_figure_html(n, p, n) for n, p in remaining.items()) + "</div></section>")
-
-    flat = flat_config(cfg)
+    flat = flat_config(run.config if len(run.saes) > 1 else run.saes[0].config)
     if flat:
         body.append("<h2>Run configuration</h2>" + _html_table(
             ["key", "value"], [([(f"<code>{_e(k)}</code>", ""), (_e(cfg_value(v)), "")], "") for k, v in flat]))
-    body.append("</main><footer>Generated by pytest-sae-transfer (report schema_version 1).</footer>")
+    body.append("</main><footer>Generated by pytest-sae-transfer (report schema_version 2).</footer>")
+    return _page(title, body)
 
+
+def _badge(status: str) -> str:
+    return f'<span class="badge {_e(status.replace(" ", "-"))}">{_e(status)}</span>'
+
+
+def _sae_body(report: TransferReport, remaining: dict[str, str], plot_prefix: str, anchor: str, heading: str = "h1") -> list[str]:
+    """One SAE: its header, notes and a section per finetune."""
+    status, detail = overall_verdict(report)
+    body = [f'<header id="{_e(anchor)}">' if heading == "h1" else f'<section class="sae" id="{_e(anchor)}">']
+    body.append(f"<{heading}>{_e(report_title(report))}</{heading}>")
+    body.append(f"<p>{_badge(status)} {_e(detail)}</p>")
+    body.append('<p class="sub">' + " · ".join(f"<b>{_e(k)}</b> {_e(v)}" for k, v in run_facts(report)) + "</p>")
+    if len(report.finetunes) > 1:
+        body.append("<nav>" + "".join(
+            f'<a href="#{_e(anchor)}-{i}">{_e(ft.model)}: {_e(finetune_verdict(ft)[0])}</a>'
+            for i, ft in enumerate(report.finetunes)) + "</nav>")
+    if heading == "h1":
+        body.append("</header><main>")
+    notes = all_notes(report)
+    if notes:
+        body.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+    for i, ft in enumerate(report.finetunes):
+        body += _finetune_section(report, ft, f"{anchor}-{i}", remaining, plot_prefix)
+    if heading != "h1":
+        body.append("</section>")
+    return body
+
+
+def _family_body(run: RunReport, remaining: dict[str, str]) -> list[str]:
+    """Several SAEs: per finetune, a row per SAE and the layer profile; then each SAE in detail."""
+    overall = "FAIL" if run.passed is False else ("PASS" if run.passed else "NO CHECKS")
+    body = ["<header>", f"<h1>{_e(f'SAE transfer: {len(run.saes)} SAEs')}</h1>", f"<p>{_badge(overall)}</p>"]
+    body.append('<p class="sub">' + " · ".join(f"<b>{_e(k)}</b> {_e(v)}" for k, v in run_facts(run.saes[0])) + "</p>")
+    body.append("<nav>" + "".join(f'<a href="#sae-{i}">{_e(r.sae_key)}</a>' for i, r in enumerate(run.saes)) + "</nav>")
+    body.append("</header><main>")
+    for ft in run.finetune_names:
+        rows = family_rows(run, ft)
+        body.append(f'<section class="finetune"><h2>{_e(ft)}: a row per SAE</h2>')
+        trs = []
+        for r in rows:
+            cls = {"FAIL": "fail"}.get(r.verdict, "")
+            link = f'<a href="#sae-{[x.sae_key for x in run.saes].index(r.sae)}">{_e(r.sae)}</a>'
+            trs.append(([(link, ""), (_badge(r.verdict), ""), (_e(fmt_num(r.ce_delta_increase)), "num"),
+                         (_e(fmt_num(r.ev_drop)), "num"), (_e(fmt_num(r.activation_similarity)), "num"),
+                         (_e(fmt_num(r.resid_cosine)), "num"), (_e(r.detail), "")], cls))
+        body.append(_html_table(["SAE", "verdict", "ΔCE over base", "EV drop", "act sim", "resid cos", "checks"], trs))
+        name = f"{ft}/layer_profile"
+        if name in remaining:
+            body.append('<div class="plots">' + _figure_html(name, remaining.pop(name), "Layer profile: key transfer metrics by hook") + "</div>")
+        body.append("</section>")
+    for i, report in enumerate(run.saes):
+        body += _sae_body(report, remaining, plot_prefix=f"{report.sae_key}/", anchor=f"sae-{i}", heading="h2")
+    return body
+
+
+def _finetune_section(report: TransferReport, ft: FinetuneResult, anchor: str, remaining: dict[str, str], plot_prefix: str) -> list[str]:
+    fstatus, fdetail = finetune_verdict(ft)
+    body = [f'<section class="finetune" id="{_e(anchor)}">']
+    body.append(f"<h3>{_badge(fstatus)} {_e(ft.model)} <small>({_e(fdetail)})</small></h3>")
+    if ft.notes:
+        body.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in ft.notes) + "</ul>")
+    body.append('<div class="tables">')
+    mrows = _metric_rows(report, ft)
+    if mrows:
+        body.append("<div><h4>Per-model metrics</h4>" + _html_table(
+            ["metric", "base", "base ci95", "finetune", "finetune ci95", "Δ (ft − base)", ""], mrows) + "</div>")
+    prows = _paired_rows(ft)
+    if prows:
+        body.append("<div><h4>Paired metrics (base vs finetune)</h4>" + _html_table(["metric", "value", "ci95", ""], prows) + "</div>")
+    body.append("</div>")
+    if ft.checks:
+        crows = []
+        for c in sorted_checks(ft.checks):
+            sym = check_symbol(c)
+            cls = {"✗": "fail", "!": "warn"}.get(sym, "")
+            crows.append(([(_sym_html(sym), "sym"), (f"<code>{_e(c.id)}</code>", ""),
+                           (f"<code>{_e(check_expr(c))}</code>", ""), (_e(check_value(c)), ""),
+                           (_e(c.severity), ""), (_e(c.message), "")], cls))
+        body.append("<h4>Checks</h4>" + _html_table(["", "id", "check", "value", "severity", "message"], crows))
+    figs = []
+    for kind, caption in PLOT_CAPTIONS.items():
+        name = f"{plot_prefix}{ft.model}/{kind}"
+        if name in remaining:
+            figs.append(_figure_html(name, remaining.pop(name), caption))
+    if figs:
+        body.append('<h4>Plots</h4><div class="plots">' + "".join(figs) + "</div>")
+    body.append("</section>")
+    return body
+
+
+def _metric_rows(report: TransferReport, ft: FinetuneResult) -> list[Any]:
+    rows = []
+    for key in metric_keys(report, ft, full=True):
+        b, f = report.base.metrics.get(key), ft.metrics.get(key)
+        mark = check_marker(ft, (f"base.{key}", f"finetune.{key}"))
+        cls = {"✗": "fail", "!": "warn"}.get(mark, "")
+        rows.append(([(f"<code>{_e(key)}</code>", ""), (_e(fmt_num(b)), "num"),
+                      (_e(fmt_ci(report.base.ci95.get(key))), "num"), (_e(fmt_num(f)), "num"),
+                      (_e(fmt_ci(ft.ci95.get(key))), "num"), (_e(fmt_delta(b, f, key)), "num"),
+                      (_sym_html(mark), "sym")], cls))
+    return rows
+
+
+def _paired_rows(ft: FinetuneResult) -> list[Any]:
+    rows = []
+    for key in paired_keys(ft):
+        mark = check_marker(ft, (f"paired.{key}",))
+        cls = {"✗": "fail", "!": "warn"}.get(mark, "")
+        rows.append(([(f"<code>{_e(key)}</code>", ""), (_e(fmt_paired(key, ft.paired.get(key))), "num"),
+                      (_e(fmt_ci(ft.paired_ci95.get(key))), "num"), (_sym_html(mark), "sym")], cls))
+    return rows
+
+
+def _page(title: str, body: list[str]) -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"

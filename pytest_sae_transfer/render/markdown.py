@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from ..report import TransferReport
+from pathlib import Path
+
+from ..report import FinetuneResult, RunReport, TransferReport
+from .family import as_run, family_rows
 from .text import (
     all_notes,
     cfg_get,
@@ -50,10 +53,48 @@ def _md_table(header: Sequence[str], align: str, rows: Sequence[Sequence[str]]) 
     return out
 
 
-def markdown_summary(report: TransferReport) -> str:
-    """GitHub-flavoured markdown: headline verdict, then per finetune metric, paired and check tables."""
+def markdown_summary(report: RunReport | TransferReport, plot_files: Mapping[str, Any] | None = None) -> str:
+    """GitHub-flavoured markdown: headline verdict, then per finetune metric, paired and check tables.
+
+    A run of several SAEs starts with a table per finetune (a row per SAE) and, when
+    ``plot_files`` holds them, its layer profiles (linked by file name); each SAE's
+    detail follows."""
+    run = as_run(report)
+    if len(run.saes) == 1:
+        return "\n".join(_sae_markdown(run.saes[0], "##"))
+    return "\n".join(_family_markdown(run, plot_files or {}))
+
+
+def _family_markdown(run: RunReport, plot_files: Mapping[str, Any]) -> list[str]:
+    overall = "FAIL" if run.passed is False else ("PASS" if run.passed else "NO CHECKS")
+    first = run.saes[0]
+    out = [f"## {_MD_ICON.get(overall, '')} SAE transfer: {overall} — {len(run.saes)} SAEs, {first.base.model} → "
+           f"{_md(', '.join(run.finetune_names))}", ""]
+    out.append(" · ".join(f"**{k}** {_md_code(v)}" for k, v in run_facts(first)))
+    out.append("")
+    for ft in run.finetune_names:
+        rows = family_rows(run, ft)
+        out.append(f"### {_md(ft)}")
+        out.append("")
+        out += _md_table(
+            ["SAE", "verdict", "ΔCE over base", "EV drop", "act sim", "resid cos", "checks"], "llrrrrl",
+            [[_md_code(r.sae), f"{_MD_ICON.get(r.verdict, '')} {r.verdict}", fmt_num(r.ce_delta_increase), fmt_num(r.ev_drop),
+              fmt_num(r.activation_similarity), fmt_num(r.resid_cosine), _md(r.detail)] for r in rows],
+        )
+        out.append("")
+        profile = plot_files.get(f"{ft}/layer_profile")
+        if profile is not None:
+            out.append(f"![layer profile of {_md(ft)}]({Path(str(profile)).name})")
+            out.append("")
+    for report in run.saes:
+        out += _sae_markdown(report, "###", with_config=False)
+    return out
+
+
+def _sae_markdown(report: TransferReport, level: str, with_config: bool = True) -> list[str]:
     status, detail = overall_verdict(report)
-    out: list[str] = [f"## {_MD_ICON.get(status, '')} SAE transfer: {status} — {_md(detail)}".replace("  ", " "), ""]
+    sub = level + "#"
+    out: list[str] = [f"{level} {_MD_ICON.get(status, '')} SAE transfer: {status} — {_md(detail)}".replace("  ", " "), ""]
     cfg = report.config
     hook = cfg_get(cfg, "hook_name")
     facts = [f"**SAE** {_md_code(sae_label(cfg))}"]
@@ -76,48 +117,9 @@ def markdown_summary(report: TransferReport) -> str:
         out.append("")
         out += [f"- {_md(n)}" for n in notes]
         out.append("")
-
     for ft in report.finetunes:
-        fstatus, fdetail = finetune_verdict(ft)
-        out.append(f"### {_MD_ICON.get(fstatus, '')} {_md(ft.model)}: {fstatus} ({_md(fdetail)})")
-        out.append("")
-        for n in ft.notes:
-            out.append(f"> {_md(n)}")
-        if ft.notes:
-            out.append("")
-        rows = []
-        for key in metric_keys(report, ft, full=True):
-            b, f = report.base.metrics.get(key), ft.metrics.get(key)
-            mark = check_marker(ft, (f"base.{key}", f"finetune.{key}"))
-            rows.append([f"{_md_code(key)} {mark}".rstrip(), fmt_num(b), fmt_ci(report.base.ci95.get(key)),
-                         fmt_num(f), fmt_ci(ft.ci95.get(key)), fmt_delta(b, f, key)])
-        if rows:
-            out += _md_table(["metric", "base", "base ci95", "finetune", "finetune ci95", "Δ (ft − base)"],
-                             "lrlrlr", rows)
-            out.append("")
-        pkeys = paired_keys(ft)
-        if pkeys:
-            out.append("**Paired metrics (base vs finetune)**")
-            out.append("")
-            out += _md_table(
-                ["metric", "value", "ci95"],
-                "lrl",
-                [[f"{_md_code(k)} {check_marker(ft, (f'paired.{k}',))}".rstrip(), _md(fmt_paired(k, ft.paired.get(k))),
-                  fmt_ci(ft.paired_ci95.get(k))] for k in pkeys],
-            )
-            out.append("")
-        if ft.checks:
-            out.append("**Checks**")
-            out.append("")
-            out += _md_table(
-                ["", "id", "check", "value", "severity", "message"],
-                "clllll",
-                [[check_symbol(c), _md_code(c.id), _md_code(check_expr(c)), _md(check_value(c)),
-                  c.severity, _md(c.message)] for c in sorted_checks(ft.checks)],
-            )
-            out.append("")
-
-    flat = flat_config(cfg)
+        out += _finetune_markdown(report, ft, sub)
+    flat = flat_config(cfg) if with_config else []
     if flat:
         out.append("<details><summary>Run configuration</summary>")
         out.append("")
@@ -125,10 +127,50 @@ def markdown_summary(report: TransferReport) -> str:
         out.append("")
         out.append("</details>")
         out.append("")
-    return "\n".join(out)
+    return out
 
 
-def append_github_step_summary(report: TransferReport, markdown: str | None = None) -> bool:
+def _finetune_markdown(report: TransferReport, ft: FinetuneResult, level: str) -> list[str]:
+    fstatus, fdetail = finetune_verdict(ft)
+    out = [f"{level} {_MD_ICON.get(fstatus, '')} {_md(ft.model)}: {fstatus} ({_md(fdetail)})", ""]
+    for n in ft.notes:
+        out.append(f"> {_md(n)}")
+    if ft.notes:
+        out.append("")
+    rows = []
+    for key in metric_keys(report, ft, full=True):
+        b, f = report.base.metrics.get(key), ft.metrics.get(key)
+        mark = check_marker(ft, (f"base.{key}", f"finetune.{key}"))
+        rows.append([f"{_md_code(key)} {mark}".rstrip(), fmt_num(b), fmt_ci(report.base.ci95.get(key)),
+                     fmt_num(f), fmt_ci(ft.ci95.get(key)), fmt_delta(b, f, key)])
+    if rows:
+        out += _md_table(["metric", "base", "base ci95", "finetune", "finetune ci95", "Δ (ft − base)"], "lrlrlr", rows)
+        out.append("")
+    pkeys = paired_keys(ft)
+    if pkeys:
+        out.append("**Paired metrics (base vs finetune)**")
+        out.append("")
+        out += _md_table(
+            ["metric", "value", "ci95"],
+            "lrl",
+            [[f"{_md_code(k)} {check_marker(ft, (f'paired.{k}',))}".rstrip(), _md(fmt_paired(k, ft.paired.get(k))),
+              fmt_ci(ft.paired_ci95.get(k))] for k in pkeys],
+        )
+        out.append("")
+    if ft.checks:
+        out.append("**Checks**")
+        out.append("")
+        out += _md_table(
+            ["", "id", "check", "value", "severity", "message"],
+            "clllll",
+            [[check_symbol(c), _md_code(c.id), _md_code(check_expr(c)), _md(check_value(c)),
+              c.severity, _md(c.message)] for c in sorted_checks(ft.checks)],
+        )
+        out.append("")
+    return out
+
+
+def append_github_step_summary(report: RunReport | TransferReport, markdown: str | None = None) -> bool:
     """Append the markdown summary to ``$GITHUB_STEP_SUMMARY`` when it is set; never overwrite.
 
     Returns True when something was appended, False when the variable is unset

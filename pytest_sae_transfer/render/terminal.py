@@ -5,7 +5,8 @@ from __future__ import annotations
 import textwrap
 from typing import Mapping, Sequence
 
-from ..report import TransferReport
+from ..report import RunReport, TransferReport
+from .family import as_run, family_rows
 from .text import (
     all_notes,
     check_expr,
@@ -63,12 +64,49 @@ def _wrap(text: str, width: int, indent: str, subsequent: str) -> list[str]:
                          break_long_words=True, break_on_hyphens=False) or [indent]
 
 
-def terminal_summary(report: TransferReport, width: int = 100, *, ascii_only: bool = False) -> str:
-    """Compact aligned plain-text summary: per finetune, metrics, paired metrics, checks and a verdict.
+def terminal_summary(report: RunReport | TransferReport, width: int = 100, *, ascii_only: bool = False) -> str:
+    """The run's summary for the terminal: one SAE in detail, or a table per finetune with a row per SAE.
 
     ``ascii_only`` replaces ✓/✗/—/→ and friends for terminals that cannot print them.
     """
+    run = as_run(report)
     width = max(int(width), 40)
+    lines = _sae_summary(run.saes[0], width) if len(run.saes) == 1 else _family_summary(run, width)
+    text = "\n".join(lines) + "\n"
+    if ascii_only:
+        text = text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
+    return text
+
+
+def _family_summary(run: RunReport, width: int) -> list[str]:
+    """Per finetune: a row per SAE with its verdict and the key transfer numbers."""
+    first = run.saes[0]
+    lines = _wrap(f"SAE transfer: {len(run.saes)} SAEs — {first.base.model} → {', '.join(run.finetune_names)}", width, "", "    ")
+    lines += _wrap(" · ".join(f"{k}: {v}" for k, v in run_facts(first)), width, "  ", "  ")
+    for ft in run.finetune_names:
+        rows = family_rows(run, ft)
+        lines.append("")
+        head = f"── {ft} "
+        lines.append(head + "─" * max(3, width - len(head)))
+        table = [["SAE", "verdict", "ΔCE over base", "EV drop", "act sim", "resid cos", "failed"]]
+        for r in rows:
+            table.append([r.sae, r.verdict, fmt_num(r.ce_delta_increase), fmt_num(r.ev_drop), fmt_num(r.activation_similarity),
+                          fmt_num(r.resid_cosine), str(r.n_failed) if r.verdict == "FAIL" else ""])
+        lines += _table(table, "llrrrrr")
+        n_fail = sum(1 for r in rows if r.verdict == "FAIL")
+        verdict = "FAIL" if n_fail else "PASS"
+        lines.append(f"{ft}: {verdict} ({n_fail} of {len(rows)} SAEs failed)" if n_fail else f"{ft}: PASS (all {len(rows)} SAEs passed)")
+    n_bad = sum(1 for r in run.saes for f in r.finetunes if f.passed is False)
+    lines.append("")
+    lines.append("═" * min(width, 60))
+    overall = "FAIL" if run.passed is False else ("PASS" if run.passed else "NO CHECKS")
+    lines.append(f"overall: {overall} ({n_bad} of {sum(len(r.finetunes) for r in run.saes)} (finetune, SAE) pairs failed)")
+    lines.append("  the full per-SAE detail is in the HTML and markdown reports (--sae-report-dir)")
+    return lines
+
+
+def _sae_summary(report: TransferReport, width: int) -> list[str]:
+    """One SAE: per finetune, metrics, paired metrics, checks and a verdict."""
     lines: list[str] = []
     title = report_title(report)
     lines += _wrap(title, width, "", "    ")
@@ -128,8 +166,5 @@ def terminal_summary(report: TransferReport, width: int = 100, *, ascii_only: bo
     lines.append("")
     lines.append("═" * min(width, 60))
     lines.append(f"overall: {status} ({detail})")
-    text = "\n".join(lines) + "\n"
-    if ascii_only:
-        text = text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
-    return text
+    return lines
 

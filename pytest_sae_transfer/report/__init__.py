@@ -1,6 +1,7 @@
 """What one run measured, as objects and as files.
 
-Modules: ``model`` (the result objects and their JSON form) · ``features``
+Modules: ``results`` (one model's, one finetune's and one check's results) · ``model``
+(one SAE's report, the run's report, and their JSON form) · ``features``
 (per-feature arrays and their one key encoding) · ``files`` (atomic writes) ·
 ``view`` (the result object custom tests receive). The engine fills these
 objects; thresholds, the session and the renderers read them.
@@ -10,13 +11,15 @@ May import: ``errors``, ``metrics.keys``.
 from ..metrics.keys import FEATURE_VECTOR_KEYS, MODEL_METRIC_KEYS, PAIRED_METRIC_KEYS
 from .features import FeatureArrays, decode_histograms, encode_histograms
 from .files import STALE_TEMP_AGE_S, atomic_write
-from .model import SCHEMA_VERSION, CheckResult, FinetuneResult, ModelResult, TransferReport
+from .model import SAE_CONFIG_KEYS, SCHEMA_VERSION, RunReport, TransferReport
+from .results import CheckResult, FinetuneResult, ModelResult
 from .view import MetricView, PairResult
 
 __all__ = [
     "FEATURE_VECTOR_KEYS",
     "MODEL_METRIC_KEYS",
     "PAIRED_METRIC_KEYS",
+    "SAE_CONFIG_KEYS",
     "SCHEMA_VERSION",
     "STALE_TEMP_AGE_S",
     "CheckResult",
@@ -25,6 +28,7 @@ __all__ = [
     "MetricView",
     "ModelResult",
     "PairResult",
+    "RunReport",
     "TransferReport",
     "atomic_write",
     "decode_histograms",

@@ -44,7 +44,8 @@ class FeatureArrays:
     vectors: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     histograms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
-    def _write(self, fh: Any) -> None:
+    def flat(self) -> dict[str, Any]:
+        """Every array under one flat key (``vec::<ft>::<key>``, ``hist::<name>::<part>``)."""
         import numpy as np
 
         flat: dict[str, Any] = {}
@@ -52,18 +53,11 @@ class FeatureArrays:
             for key, arr in vecs.items():
                 flat[f"vec::{ft}::{key}"] = np.asarray(arr)
         flat.update({k: np.asarray(v) for k, v in encode_histograms(self.histograms).items()})
-        np.savez_compressed(fh, **flat)
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        atomic_write(Path(path), self._write, binary=True)
+        return flat
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> FeatureArrays:
-        import numpy as np
-
+    def from_flat(cls, arrays: Mapping[str, Any]) -> FeatureArrays:
         out = cls()
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
         for flat_key, value in arrays.items():
             if flat_key.startswith("vec::"):
                 ft, key = flat_key[len("vec::"):].rsplit("::", 1)
@@ -71,3 +65,22 @@ class FeatureArrays:
         out.histograms = decode_histograms(arrays)
         return out
 
+    def _write(self, fh: Any) -> None:
+        import numpy as np
+
+        np.savez_compressed(fh, **self.flat())
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        atomic_write(Path(path), self._write, binary=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FeatureArrays:
+        return cls.from_flat(load_arrays(path))
+
+
+def load_arrays(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Every array of an ``.npz`` file, read in full (no pickles)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}

@@ -1,139 +1,54 @@
-"""The result of one transfer evaluation and its JSON form (schema_version 1).
+"""What one run measured, and its JSON form (``schema_version`` 2; version 1 is still read).
 
-A :class:`TransferReport` holds plain Python numbers and lists, so it round-trips
-through JSON exactly. Per-feature vectors and streamed histograms live in a
-:class:`~pytest_sae_transfer.report.features.FeatureArrays` object that is written
-to an ``.npz`` sidecar next to the report; the report names that file under
-``"features_file"``.
+A :class:`TransferReport` is one SAE's results: the base model and every finetune with
+that SAE, and the full configuration they were measured with. A :class:`RunReport`
+holds one TransferReport per SAE of the run. Everything is plain Python numbers and
+lists, so it round-trips through JSON exactly. Per-feature vectors and streamed
+histograms live in :class:`~pytest_sae_transfer.report.features.FeatureArrays`, written
+to one ``.npz`` sidecar next to the report (``"features_file"``).
 
-Confidence intervals sit beside the metrics they belong to: ``"ci95"`` for the
-entry's ``metrics`` and ``"paired_ci95"`` for its ``paired`` block, each a map
-from metric key to ``[lo, hi]``. Metric values themselves stay plain numbers.
+The JSON layout (version 2)::
+
+    {"schema_version": 2,
+     "config": {...what every SAE shares: models, tokens, device, versions...},
+     "saes": [{"sae": "<key>", "config": {...this SAE: release, id, hook, width, τ, provenance...},
+               "base": {...}, "finetunes": [{...one finetune with this SAE, its checks...}],
+               "passed": true}],
+     "passed": false,
+     "features_file": "report.features.npz"}
+
+Version 1 (one SAE, everything at the top level) is read as a run of one SAE.
+Confidence intervals sit beside the metrics they belong to: ``"ci95"`` for an entry's
+``metrics`` and ``"paired_ci95"`` for its ``paired`` block, each a map from metric key
+to ``[lo, hi]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .features import FeatureArrays
+from .features import FeatureArrays, load_arrays
 from .files import stage_file, unlink_quietly
+from .results import CheckResult, FinetuneResult, ModelResult, clean_number
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
+#: Config keys that belong to one SAE rather than to the run.
+SAE_CONFIG_KEYS: tuple[str, ...] = (
+    "sae_key", "sae_release", "sae_id", "sae_path", "sae_kind", "sae_architecture", "d_in", "d_sae",
+    "hook_name", "outlier_norm", "provenance", "provenance_by_worker",
+)
 
-def _clean_number(value: Any) -> Any:
-    """JSON has no NaN or Inf: write them as null, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _clean_number(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean_number(v) for v in value]
-    return value
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckResult:
-    """One threshold check evaluated against one finetune."""
-
-    id: str
-    metric: str  # "<scope>.<key>", e.g. "finetune.ce_loss_delta"
-    op: str  # "<=", ">=", "increase<=", "ratio<=", "ci_low>=", "ci_high<=", ...
-    bound: float
-    value: float | None
-    passed: bool
-    severity: str = "fail"
-    base_value: float | None = None
-    ci95: tuple[float, float] | None = None
-    message: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["ci95"] = list(self.ci95) if self.ci95 is not None else None
-        return _clean_number(out)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> CheckResult:
-        kw = dict(data)
-        if kw.get("ci95") is not None:
-            kw["ci95"] = tuple(kw["ci95"])
-        return cls(**kw)
-
-
-@dataclasses.dataclass
-class ModelResult:
-    """Per-model metrics of one model with the SAE."""
-
-    model: str
-    metrics: dict[str, Any]
-    ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return _clean_number(
-            {"model": self.model, "metrics": self.metrics, "ci95": self.ci95, "notes": self.notes}
-        )
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ModelResult:
-        return cls(
-            model=data["model"],
-            metrics=dict(data["metrics"]),
-            ci95={k: list(v) for k, v in data.get("ci95", {}).items()},
-            notes=list(data.get("notes", [])),
-        )
-
-
-@dataclasses.dataclass
-class FinetuneResult(ModelResult):
-    """A finetune's own metrics, its paired metrics against the base, and its checks."""
-
-    paired: dict[str, Any] = dataclasses.field(default_factory=dict)
-    paired_ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-    checks: list[CheckResult] = dataclasses.field(default_factory=list)
-
-    @property
-    def passed(self) -> bool | None:
-        """False if any fail-severity check failed; None when no check ran."""
-        if not self.checks:
-            return None
-        return all(c.passed for c in self.checks if c.severity == "fail")
-
-    def to_json(self) -> dict[str, Any]:
-        out = super().to_json()
-        out.update(
-            _clean_number(
-                {
-                    "paired": self.paired,
-                    "paired_ci95": self.paired_ci95,
-                    "checks": [c.to_json() for c in self.checks],
-                    "passed": self.passed,
-                }
-            )
-        )
-        return out
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> FinetuneResult:
-        return cls(
-            model=data["model"],
-            metrics=dict(data["metrics"]),
-            ci95={k: list(v) for k, v in data.get("ci95", {}).items()},
-            notes=list(data.get("notes", [])),
-            paired=dict(data.get("paired", {})),
-            paired_ci95={k: list(v) for k, v in data.get("paired_ci95", {}).items()},
-            checks=[CheckResult.from_json(c) for c in data.get("checks", [])],
-        )
+__all__ = ["SCHEMA_VERSION", "CheckResult", "FinetuneResult", "ModelResult", "RunReport", "TransferReport"]
 
 
 @dataclasses.dataclass
 class TransferReport:
-    """Everything one run measured: the base model, each finetune, and the run's config."""
+    """One SAE's results: the base model, each finetune, and the configuration."""
 
     config: dict[str, Any]
     base: ModelResult
@@ -146,6 +61,10 @@ class TransferReport:
         verdicts = [ft.passed for ft in self.finetunes if ft.passed is not None]
         return all(verdicts) if verdicts else None
 
+    @property
+    def sae_key(self) -> str:
+        return str(self.config.get("sae_key") or self.config.get("sae_id") or self.config.get("sae_path") or "sae")
+
     def finetune(self, name: str) -> FinetuneResult:
         for ft in self.finetunes:
             if ft.model == name:
@@ -153,66 +72,155 @@ class TransferReport:
         raise KeyError(f"no finetune {name!r} in report; have {[f.model for f in self.finetunes]}")
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "config": _clean_number(self.config),
-            "base": self.base.to_json(),
-            "finetunes": [ft.to_json() for ft in self.finetunes],
-            "passed": self.passed,
-        }
+        return RunReport([self]).to_json()
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], base_dir: Path | None = None) -> TransferReport:
+        return RunReport.from_json(data, base_dir).single()
+
+    def write_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write the report (as a run of one SAE) and its sidecar; see :meth:`RunReport.write_json`."""
+        run = RunReport([self])
+        out = run.write_json(path)
+        self.features_file = run.features_file
+        return out
+
+    @classmethod
+    def read_json(cls, path: str | os.PathLike[str]) -> TransferReport:
+        return RunReport.read_json(path).single()
+
+
+@dataclasses.dataclass
+class RunReport:
+    """Every SAE's :class:`TransferReport` of one run, in the run's order."""
+
+    saes: list[TransferReport]
+    features_file: str | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """What the SAEs share (the first SAE's configuration without its SAE-only keys)."""
+        if not self.saes:
+            return {}
+        return {k: v for k, v in self.saes[0].config.items() if k not in SAE_CONFIG_KEYS}
+
+    @property
+    def passed(self) -> bool | None:
+        verdicts = [r.passed for r in self.saes if r.passed is not None]
+        return all(verdicts) if verdicts else None
+
+    @property
+    def finetune_names(self) -> list[str]:
+        return list(dict.fromkeys(ft.model for r in self.saes for ft in r.finetunes))
+
+    def sae(self, key: str) -> TransferReport:
+        for report in self.saes:
+            if report.sae_key == key:
+                return report
+        raise KeyError(f"no SAE {key!r} in report; have {[r.sae_key for r in self.saes]}")
+
+    def single(self) -> TransferReport:
+        if len(self.saes) != 1:
+            raise ValueError(f"the report holds {len(self.saes)} SAEs; read it with RunReport.read_json")
+        return self.saes[0]
+
+    # -- JSON -------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "config": clean_number(self.config), "saes": []}
+        for report in self.saes:
+            out["saes"].append({
+                "sae": report.sae_key,
+                "config": clean_number({k: v for k, v in report.config.items() if k in SAE_CONFIG_KEYS}),
+                "base": report.base.to_json(),
+                "finetunes": [ft.to_json() for ft in report.finetunes],
+                "passed": report.passed,
+            })
+        out["passed"] = self.passed
         if self.features_file is not None:
             out["features_file"] = self.features_file
         return out
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], base_dir: Path | None = None) -> TransferReport:
+    def from_json(cls, data: Mapping[str, Any], base_dir: Path | None = None) -> RunReport:
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"unsupported report schema_version {version!r}; expected {SCHEMA_VERSION}")
-        features = None
+        if version == 1:
+            entries = [{"config": data["config"], "base": data["base"], "finetunes": data["finetunes"]}]
+            run_config: Mapping[str, Any] = {}
+        elif version == SCHEMA_VERSION:
+            entries, run_config = list(data["saes"]), data["config"]
+        else:
+            raise ValueError(f"unsupported report schema_version {version!r}; this version reads 1 and {SCHEMA_VERSION}")
         features_file = data.get("features_file")
-        if features_file and base_dir is not None and (base_dir / features_file).is_file():
-            features = FeatureArrays.load(base_dir / features_file)
-        return cls(
-            config=dict(data["config"]),
-            base=ModelResult.from_json(data["base"]),
-            finetunes=[FinetuneResult.from_json(f) for f in data["finetunes"]],
-            features=features,
-            features_file=features_file,
-        )
+        sidecar = _read_sidecar(base_dir / features_file, version, len(entries)) if features_file and base_dir else None
+        saes = [
+            TransferReport(
+                config={**run_config, **entry["config"]},
+                base=ModelResult.from_json(entry["base"]),
+                finetunes=[FinetuneResult.from_json(f) for f in entry["finetunes"]],
+                features=sidecar[i] if sidecar is not None else None,
+                features_file=features_file,
+            )
+            for i, entry in enumerate(entries)
+        ]
+        return cls(saes, features_file=features_file)
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the report and, when features are present, its ``.features.npz`` sidecar.
 
-        Both files are written atomically: an interrupted run leaves the previous
-        report (if any) intact, never a truncated one.
+        Both files are written in full (and fsynced) before either replaces its old
+        version: a failed write (full disk, ...) leaves the previous report *and* the
+        sidecar it names untouched, never a new sidecar beside an old report.
         """
         path = Path(path)
-        previous_features_file = self.features_file
+        previous = self.features_file
         staged: list[tuple[Path, Path]] = []  # (written temporary file, final path)
         try:
-            # Both files are written in full (and fsynced) before either replaces its old
-            # version: a failed write (full disk, ...) leaves the previous report *and* the
-            # sidecar it names untouched, never a new sidecar beside an old report.
-            if self.features is not None:
+            if any(r.features is not None for r in self.saes):
                 sidecar = path.with_name(path.stem + ".features.npz")
-                staged.append((stage_file(sidecar, self.features._write, binary=True), sidecar))
+                staged.append((stage_file(sidecar, self._write_sidecar, binary=True), sidecar))
                 self.features_file = sidecar.name
             text = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
             staged.append((stage_file(path, lambda fh: fh.write(text)), path))
             for tmp, final in staged:
                 os.replace(tmp, final)
         except BaseException:
-            self.features_file = previous_features_file
+            self.features_file = previous
             for tmp, _ in staged:
                 unlink_quietly(tmp)
             raise
+        for report in self.saes:
+            report.features_file = self.features_file
         return path
 
+    def _write_sidecar(self, fh: Any) -> None:
+        import numpy as np
+
+        flat: dict[str, Any] = {}
+        for i, report in enumerate(self.saes):
+            if report.features is not None:
+                flat.update({f"s{i}::{k}": v for k, v in report.features.flat().items()})
+        np.savez_compressed(fh, **flat)
+
     @classmethod
-    def read_json(cls, path: str | os.PathLike[str]) -> TransferReport:
+    def read_json(cls, path: str | os.PathLike[str]) -> RunReport:
         path = Path(path)
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
         return cls.from_json(data, base_dir=path.parent)
 
+
+def _read_sidecar(path: Path, version: int, n_saes: int) -> list[FeatureArrays] | None:
+    """Each SAE's features from a sidecar (version 1: one SAE, keys unprefixed)."""
+    if not path.is_file():
+        return None
+    arrays = load_arrays(path)
+    if version == 1:
+        return [FeatureArrays.from_flat(arrays)]
+    parts: list[dict[str, Any]] = [{} for _ in range(n_saes)]
+    for key, value in arrays.items():
+        prefix, rest = key.split("::", 1)
+        index = int(prefix[1:])
+        if 0 <= index < n_saes:
+            parts[index][rest] = value
+    return [FeatureArrays.from_flat(p) for p in parts]

@@ -12,7 +12,8 @@ import difflib
 from typing import Any, Mapping
 
 from ..metrics.keys import FEATURE_VECTOR_KEYS
-from .model import FinetuneResult, ModelResult, TransferReport
+from .model import TransferReport
+from .results import FinetuneResult, ModelResult
 
 
 class MetricView:

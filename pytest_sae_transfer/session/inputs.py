@@ -20,7 +20,7 @@ from ..loading import (
     hf,
     is_zoo_model,
     load_model,
-    load_sae,
+    load_sae_set,
     load_tokens,
     quiet_third_party_warnings,
     resolve_device,
@@ -37,7 +37,7 @@ class Inputs:
         self.settings = settings  # the threshold profile's run settings
         self.notes = notes
         self.worker_id = worker_id
-        self._sae: LoadedSAE | None = None
+        self._saes: list[LoadedSAE] | None = None
         self._tokens: TokenSet | None = None
         self._tokenizer: Any = None
         self.models: dict[str, LoadedModel] = {}
@@ -70,12 +70,24 @@ class Inputs:
         return bool(self.settings.get("exclude_special_tokens", True))
 
     @property
-    def sae(self) -> LoadedSAE:
-        if self._sae is None:
+    def saes(self) -> list[LoadedSAE]:
+        """The run's SAEs, in the order they were named."""
+        if self._saes is None:
             c = self.config
             with quiet_third_party_warnings():
-                self._sae = load_sae(c.sae_release, c.sae_id, c.sae_path, device=self.device)
-        return self._sae
+                self._saes = load_sae_set(c.sae_release, c.sae_ids, c.sae_paths, device=self.device)
+        return self._saes
+
+    @property
+    def sae(self) -> LoadedSAE:
+        """The first SAE: its metadata decides the base model, dataset and context size."""
+        return self.saes[0]
+
+    def sae_by_key(self, key: str) -> LoadedSAE:
+        for sae in self.saes:
+            if sae.key == key:
+                return sae
+        raise KeyError(key)
 
     @property
     def base_name(self) -> str:

@@ -1,9 +1,11 @@
 """One configuration's results, each computed at most once: read from the result cache, or
 computed by the engine and stored there.
 
+A result is one (model, SAE): the base's with each SAE, and each (finetune, SAE) pair's.
 Results are shared through the cache, guarded by file locks, so xdist workers and
-concurrent runs compute each base and each pair once. ``provenance`` records,
-per model, whether this process read its result from the cache or computed it.
+concurrent runs compute each once; adding an SAE to a run computes only that SAE's.
+``provenance`` records, per SAE and model, whether this process read its result from
+the cache or computed it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from typing import Any, Callable, ContextManager, Iterable
 
 from .. import __version__
 from ..config import RunConfig
-from ..engine import ENGINE_VERSION, BaseState, EngineOptions, run_transfer
-from ..loading import LoadedModel, model_identity, quiet_third_party_warnings
-from ..report import FeatureArrays, ModelResult, PairResult, TransferReport
+from ..engine import ENGINE_VERSION, BaseState, EngineOptions, run_transfer_many
+from ..loading import LoadedModel, LoadedSAE, model_identity, quiet_third_party_warnings
+from ..report import FeatureArrays, PairResult, RunReport, TransferReport
 from ..thresholds import Profile, evaluate_checks
 from .cache import MemoryOnlyCache, ResultCache, check_writable
 from .inputs import Inputs
@@ -43,18 +45,26 @@ class TransferSession:
         self._progress_stream = progress_stream
         self.notes: list[str] = []
         self.inputs = Inputs(config, profile.settings, self.notes, worker_id)
-        self._base_state: BaseState | None = None
-        self._pairs: dict[str, PairEntry] = {}
+        self._base_states: dict[str, BaseState] = {}
+        self._pairs: dict[tuple[str, str], PairEntry] = {}
         self._identities: dict[str, str] = {}
         self._transient_notes: dict[str, list[str]] = {}
-        self.provenance: dict[str, str] = {}  # "base" / finetune name -> "cache" | "computed"
+        self.provenance: dict[str, dict[str, str]] = {}  # SAE key -> {"base" / finetune: "cache" | "computed"}
         self._engine_runs: list[dict[str, Any]] = []  # the engine's run config of each compute in this session
 
     # -- what the fixtures hand out --------------------------------------------
 
     @property
-    def sae(self) -> Any:
+    def sae(self) -> LoadedSAE:
         return self.inputs.sae
+
+    @property
+    def saes(self) -> list[LoadedSAE]:
+        return self.inputs.saes
+
+    @property
+    def sae_keys(self) -> list[str]:
+        return [s.key for s in self.inputs.saes]
 
     @property
     def base_name(self) -> str:
@@ -67,8 +77,9 @@ class TransferSession:
     def model(self, name: str) -> LoadedModel:
         return self.inputs.model(name)
 
-    def pair(self, finetune: str) -> PairResult:
-        return PairResult(self.report([finetune]), finetune)
+    def pair(self, finetune: str, sae_key: str | None = None) -> PairResult:
+        key = sae_key or self.sae_keys[0]
+        return PairResult(self.report([finetune], [key]).sae(key), finetune)
 
     # -- the store ---------------------------------------------------------------
 
@@ -89,13 +100,13 @@ class TransferSession:
             self._identities[name] = model_identity(name)
         return self._identities[name]
 
-    def _store(self) -> ResultStore:
-        """Keyed by everything that decides a result (the tokens by their hash)."""
+    def _store(self, sae: LoadedSAE) -> ResultStore:
+        """One SAE's results, keyed by everything that decides them (the tokens by their hash)."""
         inputs = self.inputs
         opts = self.engine_options()
         parts = {
             "base": self._identity(inputs.base_name),
-            "sae": inputs.sae.identity,
+            "sae": sae.identity,
             "tokens": inputs.token_set.info["tokens_sha256"],
             "context_size": int(inputs.token_set.tokens.shape[1]),
             "exclude_special_tokens": opts.exclude_special_tokens,
@@ -105,7 +116,7 @@ class TransferSession:
             "seed": opts.seed,
             "dtype": inputs.dtype,
             "device_type": inputs.device.split(":")[0],
-            "model_kwargs": inputs.sae.model_kwargs,
+            "model_kwargs": sae.model_kwargs,
             "engine": ENGINE_VERSION,
             "package": __version__,
             # --sae-no-cache keeps results within this run (xdist workers still share them).
@@ -117,56 +128,77 @@ class TransferSession:
             cache = ResultCache(self.config.resolved_cache_dir())
         return ResultStore(cache, parts, self.notes)
 
-    def _load_base(self, store: ResultStore) -> bool:
+    def _load_base(self, key: str, store: ResultStore) -> bool:
         state = store.get_base()
         if state is None:
             return False
-        self._base_state = state
-        self.provenance.setdefault("base", "cache")
+        self._base_states[key] = state
+        self.provenance.setdefault(key, {}).setdefault("base", "cache")
         return True
 
-    def _load_pair(self, store: ResultStore, finetune: str) -> bool:
+    def _load_pair(self, key: str, store: ResultStore, finetune: str) -> bool:
         entry = store.get_pair(finetune, self._identity(finetune))
         if entry is None:
             return False
-        self._pairs[finetune] = entry
-        self.provenance.setdefault(finetune, "cache")
+        self._pairs[(finetune, key)] = entry
+        self.provenance.setdefault(key, {}).setdefault(finetune, "cache")
         return True
 
     # -- evaluation -----------------------------------------------------------------
 
-    def ensure(self, finetunes: Iterable[str]) -> None:
-        """Make the base result and the given pairs available: from the cache or computed."""
-        wanted = [ft for ft in dict.fromkeys(finetunes) if ft not in self._pairs]
-        if not wanted and self._base_state is not None:
+    def ensure(self, finetunes: Iterable[str], sae_keys: Iterable[str] | None = None) -> None:
+        """Make the base results and the given (finetune, SAE) pairs available: from the cache or computed."""
+        finetunes = list(dict.fromkeys(finetunes))
+        keys = list(sae_keys) if sae_keys is not None else self.sae_keys
+        wanted = [(ft, k) for k in keys for ft in finetunes if (ft, k) not in self._pairs]
+        if not wanted and all(k in self._base_states for k in keys):
             return
-        for name in wanted:
+        for name in finetunes:
             self.inputs.check_model_exists(name)
-        store = self._store()
-        if isinstance(store.cache, ResultCache):
-            check_writable(store.cache.root)
-            store.cache.sweep()
-        if self._base_state is None:
-            self._load_base(store)
-        wanted = [ft for ft in wanted if not self._load_pair(store, ft)]
-        if not wanted and self._base_state is not None:
+        stores = {k: self._store(self.inputs.sae_by_key(k)) for k in keys}
+        first = next(iter(stores.values()))
+        if isinstance(first.cache, ResultCache):
+            check_writable(first.cache.root)
+            first.cache.sweep()
+        self._read_cached(keys, stores, wanted)
+        wanted = [(ft, k) for ft, k in wanted if (ft, k) not in self._pairs]
+        if not wanted and all(k in self._base_states for k in keys):
             return
-        if self._base_state is None and self.worker_id is not None and wanted:
-            # Under xdist, compute the base alone first and release its lock, so workers
-            # that own other finetunes can go on with it in parallel.
-            with store.lock(store.base_key()):
-                if not self._load_base(store):
-                    self._compute([], store)
-        keys = sorted((store.pair_key(self._identity(ft)), ft) for ft in wanted)
+        missing_base = [k for k in keys if k not in self._base_states]
+        if missing_base and self.worker_id is not None and wanted:
+            # Under xdist, compute the bases alone first and release their locks, so workers
+            # that own other finetunes can go on with them in parallel.
+            with self._locked([stores[k].base_key() for k in sorted(missing_base)], stores):
+                self._read_cached(missing_base, stores, [])
+                todo = [k for k in missing_base if k not in self._base_states]
+                if todo:
+                    self._compute([], todo, stores)
         with contextlib.ExitStack() as stack:
-            if self._base_state is None:
-                stack.enter_context(store.lock(store.base_key()))
-                self._load_base(store)
-            for key, _ in keys:
-                stack.enter_context(store.lock(key))
-            missing = [ft for _, ft in keys if not self._load_pair(store, ft)]
-            if missing or self._base_state is None:
-                self._compute(missing, store)
+            lock_keys = [stores[k].base_key() for k in keys if k not in self._base_states]
+            lock_keys += [stores[k].pair_key(self._identity(ft)) for ft, k in wanted]
+            stack.enter_context(self._locked(sorted(set(lock_keys)), stores))
+            self._read_cached(keys, stores, wanted)
+            missing = [(ft, k) for ft, k in wanted if (ft, k) not in self._pairs]
+            todo = [k for k in keys if k not in self._base_states or any(mk == k for _, mk in missing)]
+            if todo:
+                self._compute(list(dict.fromkeys(ft for ft, _ in missing)), todo, stores)
+
+    def _read_cached(self, keys: list[str], stores: dict[str, ResultStore], wanted: list[tuple[str, str]]) -> None:
+        for k in keys:
+            if k not in self._base_states:
+                self._load_base(k, stores[k])
+        for ft, k in wanted:
+            if (ft, k) not in self._pairs:
+                self._load_pair(k, stores[k], ft)
+
+    @contextlib.contextmanager
+    def _locked(self, lock_keys: list[str], stores: dict[str, ResultStore]) -> Any:
+        """Hold the cache locks of ``lock_keys`` (in sorted order, so two processes never deadlock)."""
+        store = next(iter(stores.values()))
+        with contextlib.ExitStack() as stack:
+            for lock_key in lock_keys:
+                stack.enter_context(store.lock(lock_key))
+            yield
 
     def _sequential(self, base: LoadedModel, n_finetunes: int) -> bool:
         """Whether the finetunes must run one at a time after the base (they would not fit beside it)."""
@@ -191,7 +223,8 @@ class TransferSession:
 
         return load
 
-    def _compute(self, finetunes: list[str], store: ResultStore) -> None:
+    def _compute(self, finetunes: list[str], keys: list[str], stores: dict[str, ResultStore]) -> None:
+        """Run the engine for these finetunes and SAEs (the bases already known are not recomputed)."""
         with quiet_third_party_warnings():
             base = self.inputs.model(self.inputs.base_name)
             sequential = self._sequential(base, len(finetunes))
@@ -200,66 +233,77 @@ class TransferSession:
             else:
                 models = [(ft, self.inputs.model(ft).model) for ft in finetunes]
             options = dataclasses.replace(self.engine_options(), sequential=sequential)
+            saes = {k: self.inputs.sae_by_key(k).sae for k in keys}
             with self._quiet_context():
-                out = run_transfer(
-                    base.model, models, self.inputs.sae.sae, self.inputs.token_set.tokens, options,
-                    base_name=self.inputs.base_name, base_state=self._base_state,
+                run = run_transfer_many(
+                    base.model, models, saes, self.inputs.token_set.tokens, options,
+                    base_name=self.inputs.base_name, base_states={k: self._base_states[k] for k in keys if k in self._base_states},
                 )
-        if self._base_state is None:
-            self._base_state = out.base_state
-            self.provenance["base"] = "computed"
-            store.put_base(out.base_state)
-        self._engine_runs.append(dict(out.report.config))
-        if out.oom_splits:
-            c = out.report.config
+        self._engine_runs.append(dict(next(iter(run.outputs.values())).report.config))
+        if run.oom_splits:
+            c = self._engine_runs[-1]
             self.notes.append(
-                f"out of memory at batch size {c.get('batch_size')}: the batch was halved {out.oom_splits} time(s) "
+                f"out of memory at batch size {c.get('batch_size')}: the batch was halved {run.oom_splits} time(s) "
                 f"and the run finished at batch size {c.get('final_batch_size')}"
             )
-        features = out.report.features or FeatureArrays()
-        for ft_result in out.report.finetunes:
+        for key, out in run.outputs.items():
+            if key not in self._base_states:
+                self._base_states[key] = out.base_state
+                self.provenance.setdefault(key, {})["base"] = "computed"
+                stores[key].put_base(out.base_state)
+            self._keep_pairs(key, out.report, stores[key])
+
+    def _keep_pairs(self, key: str, report: TransferReport, store: ResultStore) -> None:
+        features = report.features or FeatureArrays()
+        for ft_result in report.finetunes:
             name = ft_result.model
             loaded = self.inputs.models.get(name)
             ft_result.notes.extend(loaded.notes if loaded is not None else self._transient_notes.get(name, []))
             prefix = name + "/"  # names may contain "/" themselves (HF ids, paths)
             hists = {k[len(prefix):]: v for k, v in features.histograms.items() if k.startswith(prefix)}
-            self._pairs[name] = (ft_result, features.vectors.get(name, {}), hists)
-            self.provenance[name] = "computed"
-            store.put_pair(self._identity(name), self._pairs[name])
+            self._pairs[(name, key)] = (ft_result, features.vectors.get(name, {}), hists)
+            self.provenance.setdefault(key, {})[name] = "computed"
+            store.put_pair(self._identity(name), self._pairs[(name, key)])
 
     # -- results ----------------------------------------------------------------------
 
-    def report(self, finetunes: Iterable[str] | None = None) -> TransferReport:
-        """The report for the given finetunes (default: all configured), with checks evaluated."""
+    def report(self, finetunes: Iterable[str] | None = None, sae_keys: Iterable[str] | None = None) -> RunReport:
+        """The run's report for the given finetunes and SAEs (default: all configured), checks evaluated."""
         names = list(finetunes) if finetunes is not None else list(self.config.finetunes)
-        self.ensure(names)
-        assert self._base_state is not None
+        keys = list(sae_keys) if sae_keys is not None else self.sae_keys
+        self.ensure(names, keys)
+        return RunReport([self._sae_report(k, names) for k in keys])
+
+    def _sae_report(self, key: str, names: list[str]) -> TransferReport:
+        state = self._base_states[key]
         features = FeatureArrays()
-        for key, hist in self._base_state.histograms.items():
-            features.histograms[f"base/{key}"] = hist
+        for hist_key, hist in state.histograms.items():
+            features.histograms[f"base/{hist_key}"] = hist
         results = []
         for name in names:
-            result, vectors, hists = self._pairs[name]
+            result, vectors, hists = self._pairs[(name, key)]
             results.append(dataclasses.replace(result, checks=[], notes=list(result.notes)))
             features.vectors[name] = vectors
-            for key, hist in hists.items():
-                features.histograms[f"{name}/{key}"] = hist
-        base: ModelResult = self._base_state.result
-        report = TransferReport(config=self.report_config(), base=base, finetunes=results, features=features)
+            for hist_key, hist in hists.items():
+                features.histograms[f"{name}/{hist_key}"] = hist
+        report = TransferReport(config=self.report_config(key), base=state.result, finetunes=results, features=features)
         evaluate_checks(self.profile, report)
         return report
 
-    def report_config(self) -> dict[str, Any]:
+    def report_config(self, key: str | None = None) -> dict[str, Any]:
+        """The configuration of one SAE's results (the first SAE's by default)."""
         c = self.config
         inputs = self.inputs
-        sae = inputs.sae
+        sae = inputs.sae_by_key(key) if key is not None else inputs.sae
         tokens = inputs.token_set
         opts = self.engine_options()
+        state = self._base_states.get(sae.key)
         return {
             **sae.describe(),
             "hook_name": sae.hook_name,
             "base_model": inputs.base_name,
             "finetunes": list(c.finetunes),
+            "saes": self.sae_keys,
             "dataset": tokens.info["dataset"],
             "n_tokens": tokens.info["n_tokens"],
             "n_tokens_requested": c.n_tokens,
@@ -272,11 +316,11 @@ class TransferSession:
             "exclude_special_tokens": opts.exclude_special_tokens,
             "special_token_ids": list(opts.special_token_ids or ()),
             "outlier_norm_setting": opts.outlier_norm,
-            "outlier_norm": self._base_state.outlier_norm if self._base_state is not None else None,
+            "outlier_norm": state.outlier_norm if state is not None else None,
             "thresholds_profile": self.profile.name,
             "thresholds_path": self.profile.path,
             "notes": list(self.notes),
-            "provenance": dict(self.provenance),
+            "provenance": dict(self.provenance.get(sae.key, {})),
             "sequential": c.sequential,
             **engine_summary(c.batch_size, self._engine_runs),
             "versions": package_versions(),

@@ -90,7 +90,7 @@ PLOT_CAPTIONS: dict[str, str] = {
 }
 
 
-def _slug(name: str) -> str:
+def safe_slug(name: str) -> str:
     s = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
     return s[:80] or "finetune"
 
@@ -104,7 +104,7 @@ def finetune_slugs(report: TransferReport) -> dict[str, str]:
     out: dict[str, str] = {}
     used: set[str] = set()
     for ft in report.finetunes:
-        base = _slug(ft.model)
+        base = safe_slug(ft.model)
         slug, i = base, 2
         while slug.lower() in used:
             slug, i = f"{base}-{i}", i + 1
