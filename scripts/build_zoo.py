@@ -21,7 +21,11 @@ fixed seeds:
 * toy-prose  mild finetune of toy-base on a disjoint prose split.
 * toy-code   heavy finetune of toy-base on stdlib code (high LR, all params).
 * toy-res    sae_lens SAEs trained on toy-base at ``blocks.1.hook_resid_post``
-             (standard L1 and topk k=16, d_sae 1024).
+             (standard L1 and topk k=16, d_sae 1024; the standard one is the
+             release default), plus a standard L1 SAE at every other layer
+             (``blocks.{0,2,3}.hook_resid_post``), trained with exactly the
+             recipe of the blocks.1 standard SAE: same d_sae, L1, lr, warm-up,
+             dead/sampling windows, token budget, training rows and seed.
 * datasets   ``toy-eval`` (held-out prose) and ``toy-eval-code`` (held-out
              code) as JSON lines.
 * zoo.json   the manifest (files, sha256s, summary numbers).
@@ -30,10 +34,36 @@ Models are stored as fp16 safetensors.  Each model is rounded to fp16 *before*
 it is used further (finetune start, SAE training, evaluation), so every number
 in the manifest is measured on exactly the weights that get loaded back.
 
+Stages (``--stages``, comma-separated; default: all of them, in this order):
+
+    corpus     rebuild ``zoo-build/corpus.json`` from the running CPython's stdlib
+    tokenizer  retrain the tokenizer
+               (either of these two also re-packs ``zoo-build/tokens.pt``)
+    base, prose, code
+               retrain that model
+    saes       retrain the two blocks.1 SAEs (standard, topk)
+    layers     retrain the standard SAEs at the layers given by ``--layers``
+               (default 0,2,3: every layer but 1, whose SAEs ``saes`` builds)
+    data       rewrite the two eval datasets
+
+A stage that is not named reuses what it would produce: the work-dir files
+(corpus, packed tokens, rebuilt when missing) and the shipped files in ``--out``
+(tokenizer, fp16 models, SAEs, datasets; each rebuilt only when missing).  In
+particular the SAE stages train on the *shipped* fp16 toy-base, so they can run
+on a checkout that never trained a model.  When ``data`` is not run, the
+datasets that would be written are compared with the shipped ones and the
+result is logged.  Every run re-measures every SAE in the release on every
+model and rewrites ``zoo.json``.
+
 Usage::
 
     HF_HUB_OFFLINE=1 python scripts/build_zoo.py            # full build
+    python scripts/build_zoo.py --stages layers               # (re)train blocks.0/2/3 SAEs only
+    python scripts/build_zoo.py --stages layers --layers 2    # just the blocks.2 SAE
     python scripts/build_zoo.py --probe                       # time a few steps
+
+To check that a stage reproduces the shipped files, point ``--out`` at a copy of
+``pytest_sae_transfer/zoo/data`` and compare sha256s afterwards.
 
 Intermediate results (corpus, packed tokens, checkpoints) go to ``zoo-build/``
 at the repository root (git-ignored); ``--fresh`` wipes it first.
@@ -121,6 +151,19 @@ SAE_DEAD_FEATURE_WINDOW = 50
 SAE_FEATURE_SAMPLING_WINDOW = 100
 SAE_TOPK_K = 16
 D_SAE = 1024
+
+
+def resid_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+# The layer family: a standard SAE at every residual stream but blocks.1 (which
+# has its own pair above), same recipe as SAE_STANDARD_ID.  sae_id = hook name.
+LAYER_SAE_LAYERS = tuple(layer for layer in range(MODEL_CFG["n_layers"]) if resid_hook(layer) != HOOK)
+# Every SAE of the release: (sae_id, architecture, hook), in manifest order.
+SAE_FAMILY: list[tuple[str, str, str]] = [(SAE_STANDARD_ID, "standard", HOOK), (SAE_TOPK_ID, "topk", HOOK)] + [
+    (resid_hook(layer), "standard", resid_hook(layer)) for layer in LAYER_SAE_LAYERS
+]
 
 MODEL_DESCRIPTIONS = {
     "toy-base": "4-layer toy LM trained from scratch on CPython stdlib docstrings + pydoc topics",
@@ -606,7 +649,10 @@ def spliced_loss(model, sae, tokens, special_ids, batch: int = 32, hook: str = H
     return total / max(count, 1)
 
 
-def train_sae(model, train_rows, arch: str, out_dir: Path, work: Path, special_ids: list[int]):
+def train_sae(model, train_rows, arch: str, out_dir: Path, work: Path, special_ids: list[int], hook: str = HOOK):
+    """Train one SAE on ``model`` at ``hook`` and store it (fp16-rounded weights,
+    float32 cfg) in ``out_dir``.  Everything but ``arch`` and ``hook`` is the
+    same for every SAE of the release, seed included."""
     import datasets
     import torch
     from sae_lens import (
@@ -633,7 +679,7 @@ def train_sae(model, train_rows, arch: str, out_dir: Path, work: Path, special_i
     cfg = LanguageModelSAERunnerConfig(
         sae=sae_cfg,
         model_name="toy-base",
-        hook_name=HOOK,
+        hook_name=hook,
         dataset_path=EVAL_DATASET,  # metadata only; the data comes from override_dataset
         is_dataset_tokenized=True,
         streaming=False,
@@ -667,7 +713,7 @@ def train_sae(model, train_rows, arch: str, out_dir: Path, work: Path, special_i
     torch.manual_seed(SEED)
     t0 = time.time()
     LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=ds).run()
-    log(f"SAE {arch} trained in {time.time() - t0:.0f}s")
+    log(f"SAE {arch} at {hook} trained in {time.time() - t0:.0f}s")
 
     sae = SAE.load_from_disk(str(tmp), device="cpu")
     with torch.no_grad():
@@ -688,7 +734,7 @@ def train_sae(model, train_rows, arch: str, out_dir: Path, work: Path, special_i
     c["device"] = "cpu"
     md = c.setdefault("metadata", {})
     md.update(
-        hook_name=HOOK,
+        hook_name=hook,
         context_size=CONTEXT,
         prepend_bos=True,
         model_name="toy-base",
@@ -723,10 +769,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     ap.add_argument(
         "--stages",
-        default="corpus,tokenizer,base,prose,code,saes,data",
+        default="corpus,tokenizer,base,prose,code,saes,layers,data",
         help="comma-separated stages to (re)run; earlier stages are reused from the work dir",
     )
+    ap.add_argument(
+        "--layers",
+        default=",".join(map(str, LAYER_SAE_LAYERS)),
+        help="layers whose standard SAE the 'layers' stage (re)trains (default: %(default)s)",
+    )
     args = ap.parse_args()
+    known_stages = {"corpus", "tokenizer", "base", "prose", "code", "saes", "layers", "data"}
+    if set(args.stages.split(",")) - known_stages:
+        ap.error(f"unknown stage(s) {sorted(set(args.stages.split(',')) - known_stages)}; known: {sorted(known_stages)}")
+    try:
+        layers = sorted({int(x) for x in args.layers.split(",") if x.strip()})
+    except ValueError:
+        ap.error(f"--layers must be comma-separated integers, got {args.layers!r}")
+    if not set(layers) <= set(LAYER_SAE_LAYERS):
+        ap.error(f"--layers must be a subset of {LAYER_SAE_LAYERS} (the blocks.1 SAEs are the 'saes' stage)")
 
     import numpy as np
     import torch
@@ -874,18 +934,28 @@ def main() -> None:
         train_sae(base, tk["prose_train"], "standard", sae_root / SAE_STANDARD_ID, work, special_ids)
         train_sae(base, tk["prose_train"], "topk", sae_root / SAE_TOPK_ID, work, special_ids)
 
+    # ---- layer family: the standard recipe at the other layers
+    for layer in layers:
+        hook = resid_hook(layer)
+        if "layers" in stages or not (sae_root / hook / "cfg.json").exists():
+            train_sae(base, tk["prose_train"], "standard", sae_root / hook, work, special_ids, hook=hook)
+
     from sae_lens import SAE
 
     ev_small = ev_prose[:200]
+    clean_loss = {n: loss_per_token(m, ev_small, special_ids) for n, m in allm.items()}
     summary["sae"] = {}
-    for sid in (SAE_STANDARD_ID, SAE_TOPK_ID):
+    for sid, _arch, hook in SAE_FAMILY:
+        if not (sae_root / sid / "cfg.json").exists():
+            raise SystemExit(f"SAE {sid} is missing from {sae_root}; run its stage")
         sae = SAE.load_from_disk(str(sae_root / sid), device="cpu")
         sae.eval()
+        assert sae.cfg.metadata.hook_name == hook, (sid, sae.cfg.metadata.hook_name)
         res: dict[str, Any] = {}
         for n, m in allm.items():
-            st = sae_stats(sae, hook_acts(m, ev_small, special_ids))
-            clean = loss_per_token(m, ev_small, special_ids)
-            spl = spliced_loss(m, sae, ev_small, special_ids)
+            st = sae_stats(sae, hook_acts(m, ev_small, special_ids, hook=hook))
+            clean = clean_loss[n]
+            spl = spliced_loss(m, sae, ev_small, special_ids, hook=hook)
             st.update(ce_loss_clean=clean, ce_loss_spliced=spl, ce_loss_delta=spl - clean)
             res[n] = {k: round(v, 4) for k, v in st.items()}
         summary["sae"][sid] = res
@@ -893,23 +963,30 @@ def main() -> None:
 
     # ---- eval datasets
     ds_dir = out / "datasets"
-    if "data" in stages or not (ds_dir / f"{EVAL_DATASET}.jsonl").exists():
-        ds_dir.mkdir(parents=True, exist_ok=True)
-        byid_p = {d["id"]: d for d in prose}
-        byid_c = {d["id"]: d for d in code}
-        for fname, ids, ntoks, byid, cap in (
-            (EVAL_DATASET, tk["prose_eval_docs"], tk["prose_eval_ntok"], byid_p, EVAL_PROSE_MAX_TOKENS),
-            (EVAL_CODE_DATASET, tk["code_eval_docs"], tk["code_eval_ntok"], byid_c, EVAL_CODE_MAX_TOKENS),
-        ):
-            n = 0
-            with open(ds_dir / f"{fname}.jsonl", "w", encoding="utf-8") as f:
-                for i, nt in zip(ids, ntoks):
-                    if n >= cap:
-                        break
-                    f.write(json.dumps({"text": byid[i]["text"]}, ensure_ascii=False) + "\n")
-                    n += nt + 1
-            summary.setdefault("datasets", {})[fname] = {"approx_tokens": n}
+    write_data = "data" in stages or not (ds_dir / f"{EVAL_DATASET}.jsonl").exists()
+    ds_dir.mkdir(parents=True, exist_ok=True)
+    byid_p = {d["id"]: d for d in prose}
+    byid_c = {d["id"]: d for d in code}
+    for fname, ids, ntoks, byid, cap in (
+        (EVAL_DATASET, tk["prose_eval_docs"], tk["prose_eval_ntok"], byid_p, EVAL_PROSE_MAX_TOKENS),
+        (EVAL_CODE_DATASET, tk["code_eval_docs"], tk["code_eval_ntok"], byid_c, EVAL_CODE_MAX_TOKENS),
+    ):
+        n = 0
+        lines = []
+        for i, nt in zip(ids, ntoks):
+            if n >= cap:
+                break
+            lines.append(json.dumps({"text": byid[i]["text"]}, ensure_ascii=False) + "\n")
+            n += nt + 1
+        data = "".join(lines).encode("utf-8")
+        path = ds_dir / f"{fname}.jsonl"
+        if write_data:
+            path.write_bytes(data)
             log(f"dataset {fname}: ~{n:,} tokens")
+        else:
+            same = path.is_file() and path.read_bytes() == data
+            log(f"dataset {fname}: ~{n:,} tokens; kept the shipped file ({'byte-identical to' if same else 'DIFFERS from'} a rebuild)")
+        summary.setdefault("datasets", {})[fname] = {"approx_tokens": n}
 
     summary["build_seconds_last_run"] = round(time.time() - t_start, 1)
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -938,12 +1015,12 @@ def write_manifest(out: Path, summary: dict[str, Any], corpus: dict[str, Any], t
             "train": SCHEDULES[name],
         }
     saes = {RELEASE: {}}
-    for sid, arch in ((SAE_STANDARD_ID, "standard"), (SAE_TOPK_ID, "topk")):
+    for sid, arch, hook in SAE_FAMILY:
         d = out / "saes" / RELEASE / sid
         saes[RELEASE][sid] = {
             "dir": rel(d),
             "architecture": arch,
-            "hook_name": HOOK,
+            "hook_name": hook,
             "default": sid == SAE_STANDARD_ID,
             "files": {f.name: sha256_file(f) for f in sorted(d.iterdir())},
             "metrics_heldout_prose": summary["sae"][sid],

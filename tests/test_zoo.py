@@ -26,6 +26,8 @@ N_CONTEXTS = 24  # 24 x 128 = 3,072 tokens per domain
 HOOK = "blocks.1.hook_resid_post"
 STANDARD_ID = HOOK
 TOPK_ID = HOOK + "-topk"
+# The layer family: a standard SAE (the blocks.1 standard recipe) at every other layer.
+LAYER_IDS = {layer: f"blocks.{layer}.hook_resid_post" for layer in (0, 2, 3)}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -96,10 +98,10 @@ def models():
     return {name: zoo.load_model(name) for name in zoo.model_names()}
 
 
-def _ce_loss(torch, model, tokens, special_ids) -> float:
+def _ce_loss(torch, model, tokens, special_ids, fwd_hooks=()) -> float:
     """Mean next-token CE over positions whose input token is not special."""
     with torch.no_grad():
-        logits = model(tokens, return_type="logits")
+        logits = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=list(fwd_hooks))
     lp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
     nll = -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
     keep = ~torch.isin(tokens[:, :-1], torch.tensor(special_ids))
@@ -115,11 +117,12 @@ def losses(torch, models, eval_tokens, special_ids):
     }
 
 
-def _acts(torch, model, tokens, special_ids):
+def _acts(torch, model, tokens, special_ids, hook=HOOK):
+    layer = int(hook.split(".")[1])
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=HOOK, stop_at_layer=2)
+        _, cache = model.run_with_cache(tokens, names_filter=hook, stop_at_layer=layer + 1)
     keep = ~torch.isin(tokens, torch.tensor(special_ids))
-    return cache[HOOK][keep]
+    return cache[hook][keep]
 
 
 def _sae_metrics(torch, sae, x):
@@ -130,6 +133,18 @@ def _sae_metrics(torch, sae, x):
     ev = 1 - ((x64 - xh64) ** 2).sum() / ((x64 - x64.mean(0)) ** 2).sum()
     l0 = (f != 0).float().sum(-1).mean()
     return float(ev), float(l0)
+
+
+def _spliced_ce_delta(torch, model, sae, tokens, special_ids, hook) -> float:
+    """CE with the SAE's reconstruction spliced in at ``hook`` (special positions
+    left alone) minus the clean CE."""
+    keep = ~torch.isin(tokens, torch.tensor(special_ids))
+
+    def splice(act, hook=None):
+        return torch.where(keep[..., None], sae.decode(sae.encode(act)), act)
+
+    clean = _ce_loss(torch, model, tokens, special_ids)
+    return _ce_loss(torch, model, tokens, special_ids, fwd_hooks=[(hook, splice)]) - clean
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +163,8 @@ def test_api_names():
     assert zoo.model_names() == ["toy-base", "toy-code", "toy-prose"]
     assert zoo.release_names() == ["toy-res"]
     assert zoo.dataset_names() == ["toy-eval", "toy-eval-code"]
-    assert zoo.sae_ids("toy-res") == [STANDARD_ID, TOPK_ID]
+    assert zoo.sae_ids("toy-res") == sorted([STANDARD_ID, TOPK_ID, *LAYER_IDS.values()])
+    assert zoo.manifest()["default_sae"] == {"toy-res": STANDARD_ID}
     assert zoo.sae_dir("toy-res") == zoo.sae_dir("toy-res", STANDARD_ID)
     assert all(zoo.is_zoo_model(n) for n in zoo.model_names())
     assert not zoo.is_zoo_model("gpt2") and not zoo.is_zoo_release("gemma-scope") and not zoo.is_zoo_dataset("pile")
@@ -360,6 +376,90 @@ def test_sae_cfg_metadata():
         assert sae.cfg.metadata.hook_name == HOOK
         assert sae.cfg.metadata.dataset_path == "toy-eval"
         assert sae.W_enc.dtype.is_floating_point and sae.W_enc.dtype.itemsize == 4
+
+
+# --------------------------------------------------------------------------
+# the layer family: a standard SAE at every layer
+# --------------------------------------------------------------------------
+
+
+def test_every_layer_has_an_sae(models):
+    n_layers = models["toy-base"].cfg.n_layers
+    hooks = {zoo.manifest()["saes"]["toy-res"][sid]["hook_name"] for sid in zoo.sae_ids("toy-res")}
+    assert hooks == {f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)}
+
+
+@pytest.mark.parametrize("layer", sorted(LAYER_IDS))
+def test_layer_sae_loads_at_its_hook(models, layer):
+    sid = LAYER_IDS[layer]
+    sae = zoo.load_sae("toy-res", sid)
+    assert sae.cfg.metadata.hook_name == sid
+    assert sid in models["toy-base"].hook_dict
+    assert sae.cfg.architecture() == "standard"
+    assert sae.cfg.d_in == models["toy-base"].cfg.d_model and sae.cfg.d_sae == 1024
+    assert sae.cfg.metadata.model_name == "toy-base"
+    assert sae.W_enc.dtype.is_floating_point and sae.W_enc.dtype.itemsize == 4
+    assert zoo.sae_dir("toy-res", sid).name == sid
+    entry = zoo.manifest()["saes"]["toy-res"][sid]
+    assert entry["hook_name"] == sid and entry["architecture"] == "standard" and entry["default"] is False
+    assert set(entry["metrics_heldout_prose"]) == {"toy-base", "toy-prose", "toy-code"}
+
+
+@pytest.mark.parametrize("layer", sorted(LAYER_IDS))
+def test_layer_sae_shares_the_standard_recipe(layer):
+    """Same stored config as the blocks.1 standard SAE (architecture, sizes, L1,
+    normalisation, metadata) except for the hook and the training-end statistics."""
+    def cfg(sid):
+        c = json.loads((zoo.sae_dir("toy-res", sid) / "cfg.json").read_text())
+        for key in ("hook_name", "l0", "num_dead_features"):
+            c["metadata"].pop(key)
+        return c
+
+    assert cfg(LAYER_IDS[layer]) == cfg(STANDARD_ID)
+
+
+# Measured on toy-base with this module's 3,072-token sample of toy-eval
+# (EV / L0 / spliced CE delta; the blocks.1 standard SAE gives 0.816 / 49.3 / 0.082):
+#   blocks.0  0.827 / 60.5 / 0.101
+#   blocks.2  0.813 / 43.6 / 0.052
+#   blocks.3  0.814 / 41.3 / 0.062
+# zoo.json's numbers (25,600 tokens): 0.838 / 59.9 / 0.087, 0.832 / 43.4 / 0.068, 0.836 / 42.0 / 0.094.
+LAYER_FLOORS = {0: (0.79, 0.13), 2: (0.78, 0.08), 3: (0.78, 0.09)}  # (min EV, max CE delta)
+
+
+@pytest.mark.parametrize("layer", sorted(LAYER_IDS))
+def test_layer_sae_reconstructs_base(torch, models, eval_tokens, special_ids, layer):
+    sid = LAYER_IDS[layer]
+    sae = zoo.load_sae("toy-res", sid)
+    x = _acts(torch, models["toy-base"], eval_tokens["prose"], special_ids, hook=sid)
+    ev, l0 = _sae_metrics(torch, sae, x)
+    delta = _spliced_ce_delta(torch, models["toy-base"], sae, eval_tokens["prose"], special_ids, sid)
+    min_ev, max_delta = LAYER_FLOORS[layer]
+    assert ev >= min_ev, ev
+    assert 5 <= l0 <= 80, l0
+    assert 0 <= delta <= max_delta, delta
+
+
+def test_layer_family_transfers_to_prose_and_code_breaks_deeper(torch, models, eval_tokens, special_ids):
+    """At every layer the base SAE still works on the mild prose finetune and not on
+    the heavy code finetune; on code the spliced CE penalty grows with depth.
+    Measured (EV base / prose / code; code CE delta):
+      blocks.0  0.827 / 0.840 /  0.444; 0.201
+      blocks.1  0.816 / 0.834 /  0.410; 0.336
+      blocks.2  0.813 / 0.847 / -0.172; 0.570
+      blocks.3  0.814 / 0.850 / -0.899; 1.080"""
+    code_delta = []
+    for layer in range(4):
+        sid = f"blocks.{layer}.hook_resid_post"
+        sae = zoo.load_sae("toy-res", sid)
+        ev = {
+            n: _sae_metrics(torch, sae, _acts(torch, models[n], eval_tokens["prose"], special_ids, hook=sid))[0]
+            for n in ("toy-base", "toy-prose", "toy-code")
+        }
+        assert ev["toy-prose"] >= ev["toy-base"] - 0.05, (sid, ev)
+        assert ev["toy-code"] <= ev["toy-prose"] - 0.3, (sid, ev)
+        code_delta.append(_spliced_ce_delta(torch, models["toy-code"], sae, eval_tokens["prose"], special_ids, sid))
+    assert all(a < b for a, b in zip(code_delta, code_delta[1:])), code_delta
 
 
 # --------------------------------------------------------------------------
