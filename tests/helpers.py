@@ -57,3 +57,22 @@ def zero_ablation_loss_per_token(model, layer: int, toks: torch.Tensor) -> torch
     zeros = torch.zeros(*toks.shape, model.cfg.d_model)
     with torch.no_grad():
         return model(zeros, start_at_layer=layer, tokens=toks, return_type="loss", loss_per_token=True)
+
+
+def one_sae(report: dict) -> dict:
+    """A version-2 JSON report of a one-SAE run, seen as that SAE's entry with the run's
+    config merged in (config, base, finetunes, passed): what most tests look at."""
+    assert report["schema_version"] == 2 and len(report["saes"]) == 1, report.get("saes")
+    entry = report["saes"][0]
+    out = {"config": {**entry["config"], **report["config"]}, "base": entry["base"], "finetunes": entry["finetunes"],
+           "passed": entry["passed"], "run_passed": report["passed"]}
+    if "features_file" in report:
+        out["features_file"] = report["features_file"]
+    return out
+
+
+def read_one_sae(path) -> dict:
+    import json
+    from pathlib import Path
+
+    return one_sae(json.loads(Path(path).read_text(encoding="utf-8")))

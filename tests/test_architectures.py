@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hf_tiny  # noqa: E402
+from helpers import read_one_sae  # noqa: E402
 
 from pytest_sae_transfer import loading  # noqa: E402
 from pytest_sae_transfer.loading import (  # noqa: E402
@@ -435,7 +436,7 @@ def test_engine_on_tiny_pairs(arch, archs, work, tok):
     assert report.finetune("ft").paired["n_shared_vocab"] == 512
     path = report.write_json(work / f"report-{arch}.json")
     again = TransferReport.read_json(path)
-    assert again.to_json()["schema_version"] == 1
+    assert again.to_json()["schema_version"] == 2
 
 
 # -- the study's registry entries, offline --------------------------------------------
@@ -780,9 +781,9 @@ def test_pytest_gate_on_tiny_study_pair(arch, _children, archs):
     text = stdout[-6000:] + stderr[-3000:]
     assert rc in (0, 1), text
     assert "PASSED" in stdout, text
-    report = json.loads((kid.cwd / "r.json").read_text())
+    report = read_one_sae(kid.cwd / "r.json")
     a = archs(arch)
-    assert report["schema_version"] == 1
+    assert json.loads((kid.cwd / "r.json").read_text())["schema_version"] == 2
     cfg = report["config"]
     assert cfg["hook_name"] == HOOKS[arch] and cfg["base_model"] == str(a.base_dir)
     assert cfg["n_tokens"] == GATE_TOKENS and cfg["context_size"] == CTX and cfg["d_in"] == hf_tiny.HIDDEN

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import random_tokens, tiny_pair, tiny_sae, zero_ablation_loss_per_token
+from helpers import one_sae, random_tokens, tiny_pair, tiny_sae, zero_ablation_loss_per_token
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -84,7 +84,7 @@ def opts(**kw: Any) -> EngineOptions:
 
 
 def report_json(report: Any) -> dict[str, Any]:
-    data = report.to_json()
+    data = one_sae(report.to_json())
     for key in TIMING_KEYS:
         data["config"].pop(key, None)
     return data

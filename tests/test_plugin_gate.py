@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import read_one_sae
+
 from pytest_sae_transfer.report import MODEL_METRIC_KEYS, PAIRED_METRIC_KEYS
 
 pytest_plugins = ["pytester"]
@@ -72,7 +74,7 @@ def test_gate_passes_prose_and_fails_code(gate_run: tuple[pytest.RunResult, Path
 
 def test_failure_message_shows_value_bound_base_and_interval(gate_run: tuple[pytest.RunResult, Path]) -> None:
     result, workdir = gate_run
-    report = json.loads((workdir / "r.json").read_text())
+    report = read_one_sae(workdir / "r.json")
     code = next(ft for ft in report["finetunes"] if ft["model"] == "toy-code")
     failed = [c for c in code["checks"] if not c["passed"] and c["severity"] == "fail"]
     assert failed
@@ -86,8 +88,11 @@ def test_failure_message_shows_value_bound_base_and_interval(gate_run: tuple[pyt
 
 def test_report_json_follows_the_spec_layout(gate_run: tuple[pytest.RunResult, Path]) -> None:
     _, workdir = gate_run
-    data = json.loads((workdir / "r.json").read_text())
-    assert data["schema_version"] == 1
+    raw = json.loads((workdir / "r.json").read_text())
+    assert raw["schema_version"] == 2 and [entry["sae"] for entry in raw["saes"]] == ["blocks.1.hook_resid_post"]
+    assert raw["passed"] is False and raw["saes"][0]["passed"] is False
+    assert "hook_name" in raw["saes"][0]["config"] and "base_model" in raw["config"]
+    data = read_one_sae(workdir / "r.json")
     cfg = data["config"]
     for key in ("sae_release", "sae_id", "sae_path", "hook_name", "base_model", "dataset", "n_tokens", "context_size",
                 "device", "dtype", "seed", "versions"):
@@ -116,12 +121,12 @@ def test_report_json_follows_the_spec_layout(gate_run: tuple[pytest.RunResult, P
         names = set(arrays.files)
     for ft in ("toy-prose", "toy-code"):
         for key in ("density_base", "density_finetune", "activation_similarity", "logit_similarity", "dead_activation_error"):
-            assert f"vec::{ft}::{key}" in names
+            assert f"s0::vec::{ft}::{key}" in names
 
 
 def test_zoo_numbers_tell_the_two_finetunes_apart(gate_run: tuple[pytest.RunResult, Path]) -> None:
     _, workdir = gate_run
-    data = json.loads((workdir / "r.json").read_text())
+    data = read_one_sae(workdir / "r.json")
     prose, code = data["finetunes"]
     assert prose["metrics"]["ce_loss_delta"] < code["metrics"]["ce_loss_delta"]
     assert prose["metrics"]["explained_variance"] > code["metrics"]["explained_variance"]
@@ -164,9 +169,9 @@ def test_rerun_after_threshold_edit_reads_the_cache(pytester: pytest.Pytester, s
     result = pytester.runpytest_subprocess(*ZOO, "--finetune", "toy-code", "--sae-cache-dir", shared_cache,
                                            "--sae-thresholds", "loose.toml", "--sae-report", "again.json", "-k", "ce_loss_delta")
     assert result.ret == 0, result.stdout.str()
-    data = json.loads(pytester.path.joinpath("again.json").read_text())
+    data = read_one_sae(pytester.path.joinpath("again.json"))
     assert data["config"]["provenance"] == {"base": "cache", "toy-code": "cache"}
-    first = json.loads((gate_run[1] / "r.json").read_text())
+    first = read_one_sae(gate_run[1] / "r.json")
     assert data["finetunes"][0]["metrics"] == first["finetunes"][1]["metrics"]
 
 
@@ -174,7 +179,7 @@ def test_k_selects_one_finetune(pytester: pytest.Pytester, shared_cache: str, ga
     result = pytester.runpytest_subprocess(*ZOO, "--finetune", "toy-prose", "--finetune", "toy-code",
                                            "--sae-cache-dir", shared_cache, "-k", "toy-prose")
     assert result.ret == 0, result.stdout.str()
-    result.assert_outcomes(passed=len([c for c in json.loads((gate_run[1] / "r.json").read_text())["finetunes"][0]["checks"]
+    result.assert_outcomes(passed=len([c for c in read_one_sae(gate_run[1] / "r.json")["finetunes"][0]["checks"]
                                        if c["severity"] in ("fail", "warn")]))
 
 
@@ -231,8 +236,8 @@ def test_xdist_gives_the_serial_report(pytester: pytest.Pytester, tmp_path: Path
     result = pytester.runpytest_subprocess(*ZOO, "--finetune", "toy-prose", "--finetune", "toy-code", "-n", "2",
                                            "--sae-cache-dir", str(fresh_cache), "--sae-report", "x.json")
     assert result.ret == 1, result.stdout.str()
-    parallel = json.loads(pytester.path.joinpath("x.json").read_text())
-    serial = json.loads((gate_run[1] / "r.json").read_text())
+    parallel = read_one_sae(pytester.path.joinpath("x.json"))
+    serial = read_one_sae(gate_run[1] / "r.json")
     assert [f["model"] for f in parallel["finetunes"]] == ["toy-prose", "toy-code"]
     assert parallel["base"]["metrics"] == pytest.approx(serial["base"]["metrics"], rel=1e-9)
     for p, s in zip(parallel["finetunes"], serial["finetunes"]):

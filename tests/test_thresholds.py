@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import read_one_sae
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -690,7 +691,7 @@ severity = "warn"
     out = report.write_json(tmp_path / "report.json")
     again = TransferReport.read_json(out)
     assert [c.to_json() for c in again.finetunes[1].checks] == [c.to_json() for c in bad.checks]
-    assert json.loads(out.read_text())["finetunes"][1]["passed"] is False
+    assert read_one_sae(out)["finetunes"][1]["passed"] is False
 
 
 def test_evaluate_checks_missing_modes_on_report():

@@ -189,7 +189,8 @@ def _validate(base: Any, finetunes: Sequence[tuple[str, Any]], saes: Mapping[str
         layers[key] = hook_layer(hook_name, base.cfg.n_layers)
         if sae.cfg.d_in != base.cfg.d_model:
             raise EngineError(
-                f"the SAE {key!r} reads {sae.cfg.d_in}-dimensional activations but the base model's width at {hook_name} is {base.cfg.d_model}; "
+                f"the SAE reads {sae.cfg.d_in}-dimensional activations but the base model's width at {hook_name} is {base.cfg.d_model} "
+                f"(SAE {key!r}); "
                 "use an SAE trained on this model (its d_in must equal the model's d_model), or pass the base model the SAE was trained on (--base-model)"
             )
     if tokens.shape[1] > base.cfg.n_ctx:

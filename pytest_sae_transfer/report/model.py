@@ -155,7 +155,7 @@ class RunReport:
         sidecar = _read_sidecar(base_dir / features_file, version, len(entries)) if features_file and base_dir else None
         saes = [
             TransferReport(
-                config={**run_config, **entry["config"]},
+                config={**entry["config"], **run_config},
                 base=ModelResult.from_json(entry["base"]),
                 finetunes=[FinetuneResult.from_json(f) for f in entry["finetunes"]],
                 features=sidecar[i] if sidecar is not None else None,

@@ -23,6 +23,9 @@ from typing import Any, Sequence
 import pytest
 from rel_fixtures import TOKENS
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for helpers
+from helpers import one_sae  # noqa: E402
+
 
 @dataclasses.dataclass
 class Run:
@@ -37,7 +40,8 @@ class Run:
         return self.out + "\n" + self.err
 
     def report(self, name: str = "r.json") -> dict[str, Any]:
-        return json.loads((self.cwd / name).read_text(encoding="utf-8"))
+        """The JSON report of this one-SAE run, as its SAE's entry with the run's config merged in."""
+        return one_sae(json.loads((self.cwd / name).read_text(encoding="utf-8")))
 
     def assert_clean_usage_error(self, *needles: str) -> None:
         """Exit code 4, every needle in the output, and no traceback or INTERNALERROR."""
