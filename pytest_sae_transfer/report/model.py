@@ -8,7 +8,9 @@ to an ``.npz`` sidecar next to the report; the report names that file under
 
 Confidence intervals sit beside the metrics they belong to: ``"ci95"`` for the
 entry's ``metrics`` and ``"paired_ci95"`` for its ``paired`` block, each a map
-from metric key to ``[lo, hi]``. Metric values themselves stay plain numbers.
+from metric key to ``[lo, hi]``. A finetune also carries ``"delta_ci95"`` and
+``"ratio_ci95"``: paired intervals of its metric minus, and divided by, the base's
+(both resampled on the same contexts). Metric values themselves stay plain numbers.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ class FinetuneResult(ModelResult):
     paired: dict[str, Any] = dataclasses.field(default_factory=dict)
     paired_ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     checks: list[CheckResult] = dataclasses.field(default_factory=list)
+    #: Paired bootstrap intervals of finetune − base and finetune / base, per metric key.
+    delta_ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    ratio_ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool | None:
@@ -111,6 +116,8 @@ class FinetuneResult(ModelResult):
                 {
                     "paired": self.paired,
                     "paired_ci95": self.paired_ci95,
+                    "delta_ci95": self.delta_ci95,
+                    "ratio_ci95": self.ratio_ci95,
                     "checks": [c.to_json() for c in self.checks],
                     "passed": self.passed,
                 }
@@ -128,6 +135,8 @@ class FinetuneResult(ModelResult):
             paired=dict(data.get("paired", {})),
             paired_ci95={k: list(v) for k, v in data.get("paired_ci95", {}).items()},
             checks=[CheckResult.from_json(c) for c in data.get("checks", [])],
+            delta_ci95={k: list(v) for k, v in (data.get("delta_ci95") or {}).items()},
+            ratio_ci95={k: list(v) for k, v in (data.get("ratio_ci95") or {}).items()},
         )
 
 
