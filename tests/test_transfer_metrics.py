@@ -342,3 +342,48 @@ def test_paired_interval_refuses_different_contexts():
         paired_model_intervals(acc_b.context_tables(), acc_other.context_tables(), Resampler(6, 10, seed=0))
     with pytest.raises(ValueError, match="draws 5 contexts"):
         paired_model_intervals(acc_b.context_tables(), acc_b.context_tables(), Resampler(5, 10, seed=0))
+
+
+# ---------------------------------------------------------------------------- through the engine and the cache
+
+
+def test_engine_fills_paired_intervals_and_a_cached_base_gives_the_same(tmp_path):
+    """The engine's finetune result carries delta/ratio intervals; a base read back from the
+    result cache (the base then runs only to the hook) gives the same intervals; the JSON form
+    keeps them, and a report without them reads as empty maps."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from helpers import random_tokens, tiny_pair, tiny_sae
+
+    from pytest_sae_transfer.engine import EngineOptions, run_transfer
+    from pytest_sae_transfer.report import FinetuneResult
+    from pytest_sae_transfer.session.cache import ResultCache
+    from pytest_sae_transfer.session.store import ResultStore
+
+    base, ft = tiny_pair(seed=5, n_layers=2)
+    sae = tiny_sae(hook_name="blocks.1.hook_resid_post")
+    toks = random_tokens(12, 16, seed=5)
+    options = EngineOptions(batch_size=4, n_bootstrap=200, special_token_ids=(0,))
+    first = run_transfer(base, {"ft": ft}, sae, toks, options)
+    result = first.report.finetune("ft")
+    assert set(result.delta_ci95) == set(result.ratio_ci95) == set(MODEL_CI_KEYS)
+    for key in ("ce_loss_delta", "l0", "explained_variance"):
+        lo, hi = result.delta_ci95[key]
+        assert lo <= result.metrics[key] - first.report.base.metrics[key] <= hi
+
+    store = ResultStore(ResultCache(tmp_path / "cache"), {"test": 1}, [])
+    store.put_base(first.base_state)
+    cached = store.get_base()
+    assert cached is not None and cached.context_tables is not None
+    again = run_transfer(base, {"ft": ft}, sae, toks, EngineOptions(batch_size=3, n_bootstrap=200, special_token_ids=(0,)),
+                         base_state=cached).report.finetune("ft")
+    for key in MODEL_CI_KEYS:
+        np.testing.assert_allclose(again.delta_ci95[key], result.delta_ci95[key], rtol=1e-6, atol=1e-9, err_msg=key)
+        np.testing.assert_allclose(again.ratio_ci95[key], result.ratio_ci95[key], rtol=1e-6, atol=1e-9, err_msg=key)
+
+    data = result.to_json()
+    assert FinetuneResult.from_json(data).delta_ci95 == result.delta_ci95
+    old = {k: v for k, v in data.items() if k not in ("delta_ci95", "ratio_ci95")}
+    assert FinetuneResult.from_json(old).delta_ci95 == {} == FinetuneResult.from_json(old).ratio_ci95
