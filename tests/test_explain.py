@@ -69,6 +69,16 @@ def test_the_loss_family_leads_when_it_broke():
     assert text.lines[0].startswith("FAIL: on toy-code the SAE loses 0.45 nats more than on toy-base (loss), explains 0.37 less variance (reconstruction)")
 
 
+def test_interval_ends_are_not_repeated_after_their_point_failure():
+    checks = evaluate_pair(load_profile("default"), BASE, CODE, CODE_PAIRED, delta_ci={"explained_variance": [-0.39, -0.36]},
+                           ratio_ci={"l0": [1.83, 1.9]}, missing="skip")
+    failed = [c.id for c in checks if not c.passed and c.severity == "fail"]
+    assert "finetune.l0:ratio_ci_high<=1.6" in failed and "finetune.explained_variance:decrease_ci_high<=0.3" in failed
+    text = explain_verdict(checks, "toy-base", "toy-code")
+    assert "95% interval" not in " ".join(text.lines)
+    assert text.lines[1].endswith(f"({len(failed)} of {len(checks)} checks failed)")
+
+
 def test_an_interval_end_is_said_to_be_one():
     checks = evaluate_pair(load_profile("default"), BASE, dict(BASE, ce_loss_delta=0.1), {},
                            delta_ci={"ce_loss_delta": [-0.1, 0.55]}, missing="skip")
@@ -85,7 +95,7 @@ def test_a_pass_with_a_weak_sae_warns_about_the_sae():
     assert result.passed is True
     text = explain_verdict(checks, "toy-base", "toy-base-copy")
     assert text.status == "PASS"
-    assert text.lines[0].startswith("PASS: the SAE works on toy-base-copy as on toy-base: all ") and "2 warnings" in text.lines[0]
+    assert text.lines[0].startswith("PASS: the SAE works on toy-base-copy as on toy-base (all ") and "2 warnings" in text.lines[0]
     assert text.sae_warnings == (
         "the SAE is weak on toy-base itself: it recovers only 0.62 of the loss and explains only 0.31 of the variance; "
         "transfer verdicts on it mean little",

@@ -4,8 +4,8 @@ that, what the warnings say about the SAE itself and about the priors.
 Renderers call :func:`explain_verdict` (or :func:`explain_finetune` with a report)
 and print :attr:`Explanation.lines` under the verdict, then :attr:`Explanation.warnings`::
 
-    FAIL: on toy-code the SAE loses 0.20 nats more than on toy-base (loss), explains
-    0.37 less variance (reconstruction), fires 1.87x as many features per token
+    FAIL: on toy-code the SAE explains 0.37 less variance than on toy-base
+    (reconstruction), fires 1.87x as many features per token as on toy-base
     (sparsity) and keeps only 6% of the features regular on toy-base (features)
 
 Every phrase is built from a :class:`~pytest_sae_transfer.report.CheckResult` alone
@@ -245,10 +245,10 @@ def explain_verdict(checks: Iterable["CheckResult"], base: str = "the base model
 
     if not failed:
         n_hard = sum(1 for c in checks if c.severity == "fail")
-        held = f"all {n_hard} failing check{'s' if n_hard != 1 else ''} hold" if n_hard else "no check can fail it"
+        held = f"all {n_hard} gating check{'s' if n_hard != 1 else ''} hold" if n_hard else "no check can fail it"
         n_warn = len(warned)
         warn = f", {n_warn} warning{'s' if n_warn != 1 else ''} (below)" if n_warn else ""
-        line = f"PASS: the SAE works on {finetune} as on {base}: {held}{warn}"
+        line = f"PASS: the SAE works on {finetune} as on {base} ({held}{warn})"
         return Explanation("PASS", (line,), sae_warnings, prior_warnings)
 
     by_family: dict[str, list[CheckResult]] = {}
@@ -263,7 +263,9 @@ def explain_verdict(checks: Iterable["CheckResult"], base: str = "the base model
         parts.append(f"{failure_phrase(lead, base, first=(i == 0))} ({fam})")
     headline = f"FAIL: on {finetune} the SAE {_join(parts)}"
     lines = [headline]
-    rest = [c for c in failed if c not in leads]
+    # An interval end past its bound adds nothing when the point value already failed.
+    point_failed = {c.metric for c in failed if "ci_" not in c.op}
+    rest = [c for c in failed if c not in leads and not ("ci_" in c.op and c.metric in point_failed)]
     if rest:
         shown = rest[:_MAX_ALSO]
         groups = []
