@@ -113,6 +113,34 @@ def metrics_part(report: Any) -> dict[str, Any]:
     return {"base": data["base"], "finetunes": data["finetunes"]}
 
 
+#: Interval entries that divide by a quantity these random models put near 0: the zero-ablated
+#: loss is within half a nat of the clean one, and the base's CE penalty changes sign across
+#: bootstrap replicates. Float32 rounding in the sums is amplified by one over that
+#: denominator, past any fixed relative tolerance; the sums themselves are compared exactly
+#: as the rest (ce_loss_clean/spliced/zero_ablation and their differences).
+ILL_CONDITIONED = {"ci95": ("ce_loss_recovered",), "delta_ci95": ("ce_loss_recovered",),
+                   "ratio_ci95": ("ce_loss_recovered", "ce_loss_delta")}
+
+
+def split_conditioning(part: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``part`` without the ILL_CONDITIONED entries, those entries)."""
+    part = copy.deepcopy(part)
+    ill: dict[str, Any] = {}
+    for i, entry in enumerate([part["base"], *part["finetunes"]]):
+        for field, keys in ILL_CONDITIONED.items():
+            for key in keys:
+                if key in entry.get(field, {}):
+                    ill[f"{i}.{field}.{key}"] = entry[field].pop(key)
+    return part, ill
+
+
+def close_results(a: dict[str, Any], b: dict[str, Any], rel: float, abs_: float) -> None:
+    """``close`` on everything, with ILL_CONDITIONED entries held to a looser 1e-3."""
+    (a_ok, a_ill), (b_ok, b_ill) = split_conditioning(a), split_conditioning(b)
+    close(a_ok, b_ok, rel=rel, abs_=abs_)
+    close(a_ill, b_ill, rel=1e-3, abs_=1e-6)
+
+
 def vectors_close(v1: dict[str, np.ndarray], v2: dict[str, np.ndarray], rel: float = 1e-5, abs_: float = 1e-7) -> None:
     assert set(v1) == set(v2)
     for key in v1:
@@ -204,7 +232,7 @@ def test_batch_size_does_not_change_results(seed, batch_sizes, mode, tmp_path_fa
     a, b = (metrics_part(r) for r in reports)
     assert a["base"]["ci95"] and a["finetunes"][0]["paired_ci95"]
     # point values, per-position lists and the bootstrap intervals alike
-    close(a, b, rel=1e-5, abs_=1e-7)
+    close_results(a, b, rel=1e-5, abs_=1e-7)
     vectors_close(reports[0].features.vectors["ft"], reports[1].features.vectors["ft"])
 
 
@@ -290,7 +318,7 @@ def test_feature_permutation_permutes_vectors_only(seed, architecture, perm_seed
 
     r1 = evaluate_transfer(base, {"ft": ft}, sae, toks, opts())
     r2 = evaluate_transfer(base, {"ft": ft}, psae, toks, opts())
-    close(metrics_part(r1), metrics_part(r2), rel=1e-5, abs_=1e-6)
+    close_results(metrics_part(r1), metrics_part(r2), rel=1e-5, abs_=1e-6)
     v1, v2 = r1.features.vectors["ft"], r2.features.vectors["ft"]
     idx = perm.numpy()
     vectors_close({k: np.asarray(v)[idx] for k, v in v1.items()}, v2, rel=1e-5, abs_=1e-6)

@@ -135,7 +135,9 @@ def ratio_to_base(value: float, base: float) -> float | None:
     return value / base
 
 
-def _paired_interval(quantity: str, delta_ci: tuple[float, float] | None, ratio_ci: tuple[float, float] | None):
+def _paired_interval(
+    quantity: str, delta_ci: tuple[float, float] | None, ratio_ci: tuple[float, float] | None
+) -> tuple[float, float] | None:
     """The paired interval of the checked quantity: increase, decrease (the negated delta) or ratio."""
     if quantity == "increase":
         return delta_ci
