@@ -17,7 +17,7 @@ import torch
 from helpers import random_tokens, tiny_pair, tiny_sae
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_engine_properties import close, metrics_part, recovered_condition, vectors_close, without_recovered
+from test_engine_properties import close_results, metrics_part, vectors_close
 
 from pytest_sae_transfer.engine import EngineOptions, ModelRunner, run_transfer, run_transfer_many
 
@@ -47,12 +47,8 @@ def opts(**kw: Any) -> EngineOptions:
 
 
 def assert_same(single: Any, multi: Any) -> None:
-    """Two reports of one SAE: equal to float rounding (ce_loss_recovered within its conditioning)."""
-    a, b = metrics_part(single), metrics_part(multi)
-    close(without_recovered(a), without_recovered(b), rel=1e-5, abs_=1e-6)
-    for entry_a, entry_b in zip([a["base"], *a["finetunes"]], [b["base"], *b["finetunes"]]):
-        rel = 1e-5 * recovered_condition(entry_a["metrics"])
-        close(entry_a["metrics"]["ce_loss_recovered"], entry_b["metrics"]["ce_loss_recovered"], rel=rel, abs_=1e-6)
+    """Two reports of one SAE: equal to float rounding (ill-conditioned ratios as close_results allows)."""
+    close_results(metrics_part(single), metrics_part(multi), rel=1e-5, abs_=1e-6)
     for name in single.features.vectors:
         vectors_close(single.features.vectors[name], multi.features.vectors[name], rel=1e-5, abs_=1e-6)
 

@@ -113,6 +113,34 @@ def metrics_part(report: Any) -> dict[str, Any]:
     return {"base": data["base"], "finetunes": data["finetunes"]}
 
 
+#: Interval entries that divide by a quantity these random models put near 0: the zero-ablated
+#: loss is within half a nat of the clean one, and the base's CE penalty changes sign across
+#: bootstrap replicates. Float32 rounding in the sums is amplified by one over that
+#: denominator, past any fixed relative tolerance; the sums themselves are compared exactly
+#: as the rest (ce_loss_clean/spliced/zero_ablation and their differences).
+ILL_CONDITIONED = {"ci95": ("ce_loss_recovered",), "delta_ci95": ("ce_loss_recovered",),
+                   "ratio_ci95": ("ce_loss_recovered", "ce_loss_delta")}
+
+
+def split_conditioning(part: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``part`` without the ILL_CONDITIONED entries, those entries)."""
+    part = copy.deepcopy(part)
+    ill: dict[str, Any] = {}
+    for i, entry in enumerate([part["base"], *part["finetunes"]]):
+        for field, keys in ILL_CONDITIONED.items():
+            for key in keys:
+                if key in entry.get(field, {}):
+                    ill[f"{i}.{field}.{key}"] = entry[field].pop(key)
+    return part, ill
+
+
+def close_results(a: dict[str, Any], b: dict[str, Any], rel: float, abs_: float) -> None:
+    """``close`` on everything, with ILL_CONDITIONED entries held to a looser 1e-3."""
+    (a_ok, a_ill), (b_ok, b_ill) = split_conditioning(a), split_conditioning(b)
+    close(a_ok, b_ok, rel=rel, abs_=abs_)
+    close(a_ill, b_ill, rel=1e-3, abs_=1e-6)
+
+
 def vectors_close(v1: dict[str, np.ndarray], v2: dict[str, np.ndarray], rel: float = 1e-5, abs_: float = 1e-7) -> None:
     assert set(v1) == set(v2)
     for key in v1:
@@ -204,33 +232,8 @@ def test_batch_size_does_not_change_results(seed, batch_sizes, mode, tmp_path_fa
     a, b = (metrics_part(r) for r in reports)
     assert a["base"]["ci95"] and a["finetunes"][0]["paired_ci95"]
     # point values, per-position lists and the bootstrap intervals alike
-    close(without_recovered(a), without_recovered(b), rel=1e-5, abs_=1e-7)
-    for entry_a, entry_b in zip([a["base"], *a["finetunes"]], [b["base"], *b["finetunes"]]):
-        rel = 1e-5 * recovered_condition(entry_a["metrics"])
-        close(entry_a["metrics"]["ce_loss_recovered"], entry_b["metrics"]["ce_loss_recovered"], rel=rel, abs_=1e-7)
-        close(entry_a["ci95"]["ce_loss_recovered"], entry_b["ci95"]["ce_loss_recovered"], rel=rel, abs_=1e-7)
+    close_results(a, b, rel=1e-5, abs_=1e-7)
     vectors_close(reports[0].features.vectors["ft"], reports[1].features.vectors["ft"])
-
-
-def without_recovered(part: dict[str, Any]) -> dict[str, Any]:
-    """``part`` without ce_loss_recovered (checked with its own tolerance)."""
-    def strip(entry: dict[str, Any]) -> dict[str, Any]:
-        out = dict(entry)
-        out["metrics"] = {k: v for k, v in entry["metrics"].items() if k != "ce_loss_recovered"}
-        out["ci95"] = {k: v for k, v in entry["ci95"].items() if k != "ce_loss_recovered"}
-        return out
-
-    return {"base": strip(part["base"]), "finetunes": [strip(f) for f in part["finetunes"]]}
-
-
-def recovered_condition(metrics: dict[str, Any]) -> float:
-    """Condition number of ce_loss_recovered = (zero − spliced) / (zero − clean) in its three CE
-    means: how much a relative float error in them (batch-shape dependent matmul rounding) is
-    amplified. Random test models lose little to zero ablation, so the denominator is small and
-    the ratio (and its bootstrap quantiles, which resample that denominator) moves far more than
-    the CEs themselves; the CEs are held to 1e-5 above."""
-    z, s, c = metrics["ce_loss_zero_ablation"], metrics["ce_loss_spliced"], metrics["ce_loss_clean"]
-    return max(1.0, (abs(z) + abs(s)) / max(abs(z - s), 1e-12) + (abs(z) + abs(c)) / max(abs(z - c), 1e-12))
 
 
 # --------------------------------------------------------------------------
@@ -315,7 +318,7 @@ def test_feature_permutation_permutes_vectors_only(seed, architecture, perm_seed
 
     r1 = evaluate_transfer(base, {"ft": ft}, sae, toks, opts())
     r2 = evaluate_transfer(base, {"ft": ft}, psae, toks, opts())
-    close(metrics_part(r1), metrics_part(r2), rel=1e-5, abs_=1e-6)
+    close_results(metrics_part(r1), metrics_part(r2), rel=1e-5, abs_=1e-6)
     v1, v2 = r1.features.vectors["ft"], r2.features.vectors["ft"]
     idx = perm.numpy()
     vectors_close({k: np.asarray(v)[idx] for k, v in v1.items()}, v2, rel=1e-5, abs_=1e-6)

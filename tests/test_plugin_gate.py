@@ -14,6 +14,7 @@ import pytest
 
 from helpers import read_one_sae
 
+from pytest_sae_transfer.metrics.keys import PAIRED_EXTRA_KEYS
 from pytest_sae_transfer.report import MODEL_METRIC_KEYS, PAIRED_METRIC_KEYS
 
 pytest_plugins = ["pytester"]
@@ -68,7 +69,9 @@ def test_gate_passes_prose_and_fails_code(gate_run: tuple[pytest.RunResult, Path
     assert prose and code, text
     assert set(prose.values()) == {"PASSED"}, prose
     assert "FAILED" in code.values(), code
-    assert "toy-code::finetune.ce_loss_delta<=0.5" in outcomes
+    assert outcomes["toy-code::paired.feature_transfer_rate>=0.5"] == "FAILED"
+    assert outcomes["toy-code::finetune.l0:ratio<=1.5"] == "FAILED"
+    assert outcomes["toy-prose::finetune.ce_loss_delta:increase<=0.3"] == "PASSED"
     assert "sae-transfer summary" in text and "toy-prose: PASS" in text and "toy-code: FAIL" in text
 
 
@@ -81,9 +84,19 @@ def test_failure_message_shows_value_bound_base_and_interval(gate_run: tuple[pyt
     text = "\n".join(result.outlines)
     for check in failed:
         assert check["message"] in text  # the message pytest shows is the check's own
-    with_ci = [c for c in failed if c["ci95"] is not None and c["metric"] == "finetune.ce_loss_delta"]
-    for check in with_ci:
-        assert "ci95" in check["message"] and "base" in check["message"]
+    # A relative check quotes the paired interval of what it checks, never the finetune's own.
+    relative = [c for c in failed if c["op"].startswith(("increase", "decrease", "ratio"))]
+    assert relative
+    for check in relative:
+        key = check["metric"].split(".", 1)[1]
+        if check["op"].startswith("ratio"):
+            expected = code["ratio_ci95"][key]
+        elif check["op"].startswith("increase"):
+            expected = code["delta_ci95"][key]
+        else:
+            expected = [-code["delta_ci95"][key][1], -code["delta_ci95"][key][0]]
+        assert check["ci95"] == pytest.approx(expected), check
+        assert "paired ci95" in check["message"] and "base" in check["message"], check["message"]
 
 
 def test_report_json_follows_the_spec_layout(gate_run: tuple[pytest.RunResult, Path]) -> None:
@@ -110,6 +123,12 @@ def test_report_json_follows_the_spec_layout(gate_run: tuple[pytest.RunResult, P
             assert lo <= ft["metrics"][key] <= hi
         lo, hi = ft["paired_ci95"]["resid_cosine_mean"]
         assert lo <= ft["paired"]["resid_cosine_mean"] <= hi
+        assert set(PAIRED_EXTRA_KEYS) <= set(ft["paired"])
+        for key in ("ce_loss_delta", "explained_variance", "l0"):
+            lo, hi = ft["delta_ci95"][key]
+            assert lo <= ft["metrics"][key] - data["base"]["metrics"][key] <= hi
+            lo, hi = ft["ratio_ci95"][key]
+            assert lo <= ft["metrics"][key] / data["base"]["metrics"][key] <= hi
         for check in ft["checks"]:
             assert {"id", "metric", "op", "bound", "value", "passed"} <= set(check)
         assert isinstance(ft["passed"], bool)
@@ -154,12 +173,13 @@ def test_junit_carries_metric_values(gate_run: tuple[pytest.RunResult, Path]) ->
 
     _, workdir = gate_run
     tree = ET.parse(workdir / "junit.xml")
-    cases = [c for c in tree.iter("testcase") if c.get("name") == "finetune.ce_loss_delta<=0.5"]
+    cases = [c for c in tree.iter("testcase") if c.get("name") == "finetune.l0:ratio<=1.5"]
     assert len(cases) == 2
     for case in cases:
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
-        assert props["sae_check"] == "finetune.ce_loss_delta<=0.5"
-        assert float(props["sae_bound"]) == 0.5 and "sae_value" in props and "sae_base_value" in props
+        assert props["sae_check"] == "finetune.l0:ratio<=1.5"
+        assert float(props["sae_bound"]) == 1.5 and "sae_value" in props and "sae_base_value" in props
+        assert "sae_ci95" in props  # the paired interval of the ratio
 
 
 def test_rerun_after_threshold_edit_reads_the_cache(pytester: pytest.Pytester, shared_cache: str, gate_run: tuple[pytest.RunResult, Path]) -> None:

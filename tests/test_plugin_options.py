@@ -140,7 +140,7 @@ def pytest_collection_finish(session):
     result = pytester.runpytest_subprocess("--sae-release", "toy-res", "--finetune", "toy-prose", "--finetune", "toy-code", "--collect-only", "-q")
     out = result.stdout.str()
     assert result.ret == 0
-    assert "toy-code::finetune.ce_loss_delta<=" in out
+    assert "toy-code::finetune.ce_loss_delta:increase<=" in out
     assert "toy-prose::paired.resid_cosine_mean>=" in out
     assert "TORCH_LOADED=False" in out
 

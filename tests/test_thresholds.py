@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -12,6 +13,7 @@ from helpers import read_one_sae
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pytest_sae_transfer.metrics.keys import CHECKABLE_PAIRED_KEYS
 from pytest_sae_transfer.report import (
     MODEL_METRIC_KEYS,
     PAIRED_METRIC_KEYS,
@@ -28,96 +30,43 @@ from pytest_sae_transfer.thresholds import (
     available_profiles,
     evaluate_checks,
     evaluate_pair,
+    family_of,
     load_profile,
     profile_for_release,
 )
+from pytest_sae_transfer.thresholds.vocabulary import RELATIVE_BOUNDS
 
-# --------------------------------------------------------------------------- the study's pairs
-# SPEC.md "Reference points from the study": dead % given as a fraction, CE delta =
-# spliced - clean, the study's R2 as r2_pooled; the dead shift fraction is bounded
-# below by |dead_base - dead_ft|, which is what we feed in.
+# The published pairs (the calibration of the bundled profiles) are in test_calibration.py.
 
 
-def _pair(l0, ce_clean, ce_spliced, r2, dead_pct, resid_cos, act_sim, logit_sim, density_r):
-    base = {
-        "l0": l0[0],
-        "ce_loss_clean": ce_clean[0],
-        "ce_loss_spliced": ce_spliced[0],
-        "ce_loss_delta": ce_spliced[0] - ce_clean[0],
-        "r2_pooled": r2[0],
-        "dead_fraction": dead_pct[0] / 100,
-    }
-    ft = {
-        "l0": l0[1],
-        "ce_loss_clean": ce_clean[1],
-        "ce_loss_spliced": ce_spliced[1],
-        "ce_loss_delta": ce_spliced[1] - ce_clean[1],
-        "r2_pooled": r2[1],
-        "dead_fraction": dead_pct[1] / 100,
-    }
-    paired = {
-        "resid_cosine_mean": resid_cos,
-        "activation_similarity_mean": act_sim,
-        "logit_similarity_mean": logit_sim,
-        "density_log10_pearson": density_r,
-        "dead_shift_fraction": abs(dead_pct[0] - dead_pct[1]) / 100,
-    }
-    return base, ft, paired
+_metric = st.floats(min_value=-50, max_value=50, allow_nan=False, allow_infinity=False)
+_fraction = st.floats(min_value=0, max_value=1, allow_nan=False)
+
+#: Paired values of a finetune identical to its base.
+IDENTITY_PAIRED = {"resid_cosine_mean": 1.0, "activation_similarity_mean": 1.0, "density_log10_pearson": 1.0,
+                   "dead_shift_fraction": 0.0, "dense_shift_fraction": 0.0, "feature_transfer_rate": 1.0,
+                   "logit_similarity_mean": 1.0}
 
 
-MISTRAL = _pair((83.4, 90.2), (1.78, 1.94), (1.93, 2.10), (0.68, 0.58), (0.76, 0.64), 0.9648, 0.958, 0.9996, 0.94)
-GEMMA = _pair((53.6, 84.7), (2.65, 3.29), (3.16, 7.5), (0.97, -10.27), (48.1, 0.1), 0.6691, 0.39, 0.952, 0.47)
-
-#: The metrics that the published numbers let the default gate check.
-CALIBRATED = {
-    "finetune.ce_loss_delta",
-    "finetune.r2_pooled",
-    "finetune.l0",
-    "paired.resid_cosine_mean",
-    "paired.activation_similarity_mean",
-    "paired.density_log10_pearson",
-    "paired.dead_shift_fraction",
-}
-
-
-@pytest.mark.parametrize(
-    "profile_name",
-    ["default", profile_for_release("mistral-7b-res-wg"), profile_for_release("gemma-2b-res-jb")],
+@settings(max_examples=150, deadline=None)
+@given(
+    values=st.fixed_dictionaries({k: _metric for k in MODEL_METRIC_KEYS}),
+    fractions=st.fixed_dictionaries({k: _fraction for k in ("dead_fraction", "dense_fraction")}),
+    name=st.sampled_from(available_profiles()),
 )
-def test_study_pairs_get_the_study_verdicts(profile_name):
-    profile = load_profile(profile_name)
-
-    mistral = evaluate_pair(profile, *MISTRAL, missing="skip")
-    assert CALIBRATED <= {r.metric for r in mistral}, "skip mode must still check the published metrics"
-    failed = [r.message for r in mistral if r.severity == "fail" and not r.passed]
-    assert not failed, f"Mistral->MetaMath should pass {profile_name}: {failed}"
-    assert all(r.passed for r in mistral), "Mistral passes the warnings too"
-
-    gemma = evaluate_pair(profile, *GEMMA, missing="skip")
-    failed_metrics = {r.metric for r in gemma if r.severity == "fail" and not r.passed}
-    assert len(failed_metrics) >= 3, f"Gemma should fail on several metrics, failed {failed_metrics}"
-    # Every calibrated metric is an independent reason to reject the Gemma pair.
-    assert failed_metrics == CALIBRATED
-
-
-def test_study_pairs_through_finetune_result_passed():
-    profile = load_profile("default")
-    for pair, expected in ((MISTRAL, True), (GEMMA, False)):
-        base, ft, paired = pair
-        result = FinetuneResult(model="ft", metrics=ft, paired=paired)
-        result.checks = evaluate_pair(profile, base, ft, paired, missing="skip")
-        assert result.passed is expected
-
-
-def test_gemma_profile_tolerates_its_base_sae_cost():
-    """The Gemma base SAE costs ~0.51 nats: a perfect transfer must not fail the gemma profile."""
-    base, _, _ = GEMMA
-    perfect = dict(base)
-    results = evaluate_pair(load_profile("gemma-2b-res-jb"), base, perfect, {}, missing="skip")
-    assert results and all(r.passed for r in results), [r.message for r in results if not r.passed]
-    # ... while the default's absolute 0.5 would reject it.
-    default = evaluate_pair(load_profile("default"), base, perfect, {}, missing="skip")
-    assert [r.id for r in default if not r.passed] == ["finetune.ce_loss_delta<=0.5"]
+def test_an_unchanged_finetune_passes_every_bundled_profile_whatever_the_base(values, fractions, name):
+    """Whatever the SAE's numbers on the base (good, useless or absurd), a finetune with the
+    same numbers (every difference 0, every ratio 1, every paired interval a point) fails no
+    check; only the base's own warnings may fire."""
+    base = dict(values, **fractions, nonfinite_fraction=0.0, nonfinite_loss_fraction=0.0)
+    base["l0"] = abs(base["l0"])
+    delta = {k: [0.0, 0.0] for k in MODEL_METRIC_KEYS}
+    ratio = {k: [1.0, 1.0] for k in MODEL_METRIC_KEYS}
+    results = evaluate_pair(load_profile(name), base, dict(base), IDENTITY_PAIRED, delta_ci=delta, ratio_ci=ratio)
+    assert len(results) == sum(len(c.bounds) for c in load_profile(name).checks)
+    failed = [r.message for r in results if not r.passed and r.severity == "fail"]
+    assert not failed, failed
+    assert not [r.id for r in results if not r.passed and not r.metric.startswith("base.")]
 
 
 # --------------------------------------------------------------------------- bundled profiles
@@ -138,25 +87,55 @@ def test_bundled_profiles_all_load():
             assert profile.extends == "default"
 
 
-def test_default_profile_contents():
+def test_default_profile_judges_transfer_not_the_sae():
+    """The design of the default gate, check by check: a failing check on what the SAE does
+    is relative to the base; absolute failing bounds only on the run itself; the base SAE's
+    quality and the residual-stream prior are warnings."""
     profile = load_profile("default")
     keys = {c.key for c in profile.checks}
-    assert CALIBRATED | {
-        "finetune.nonfinite_fraction",
-        "finetune.explained_variance",
-        "paired.logit_similarity_mean",
+    assert {
+        "finetune.ce_loss_delta", "finetune.kl_div_spliced", "finetune.explained_variance",
+        "finetune.r2_pooled", "finetune.l0", "paired.feature_transfer_rate", "paired.dense_shift_fraction",
+        "paired.dead_shift_fraction", "paired.activation_similarity_mean", "paired.density_log10_pearson",
+        "finetune.nonfinite_fraction", "base.nonfinite_fraction", "base.ce_loss_recovered", "paired.resid_cosine_mean",
     } <= keys
-    assert dict(profile.check("finetune.nonfinite_fraction").bounds) == {"max": 0.0}
+    for spec in profile.checks:
+        family = family_of(spec.key)
+        bounds = {k for k, _ in spec.bounds}
+        if family == "run":
+            assert spec.severity == "fail" and bounds == {"max"}, spec
+            assert dict(spec.bounds)["max"] == 0.0
+        elif spec.scope == "base":
+            assert spec.severity == "warn", f"{spec.key}: the SAE's own quality must never fail a finetune"
+        elif spec.scope == "finetune":
+            assert spec.severity == "fail" and bounds <= RELATIVE_BOUNDS, f"{spec.key}: absolute bound {bounds}"
+        elif family == "residual":
+            assert spec.severity == "warn", spec
+    # both directions of the L0 ratio, and an interval twin for every relative point bound
+    l0 = dict(profile.check("finetune.l0").bounds)
+    assert l0["min_ratio_to_base"] < 1 < l0["max_ratio_to_base"]
+    assert l0["min_ratio_ci_low"] < l0["min_ratio_to_base"] and l0["max_ratio_ci_high"] > l0["max_ratio_to_base"]
+    twins = {"max_increase_over_base": "max_increase_ci_high", "max_decrease_from_base": "max_decrease_ci_high",
+             "max_ratio_to_base": "max_ratio_ci_high", "min_ratio_to_base": "min_ratio_ci_low"}
+    for spec in profile.checks:
+        b = dict(spec.bounds)
+        for point, twin in twins.items():
+            if point in b:
+                assert twin in b, (spec.key, twin)
+                assert (b[twin] > b[point]) if twin.startswith("max") else (b[twin] < b[point]), (spec.key, twin)
+    for key in ("paired.feature_transfer_rate", "paired.activation_similarity_mean", "paired.density_log10_pearson"):
+        assert profile.check(key).if_undefined == "warn", key
     assert profile.check("paired.logit_similarity_mean").severity == "warn"
-    ops = {op for c in profile.checks for op, _ in c.bounds}
-    assert {"min_ci_low", "max_ci_high", "max_increase_over_base", "max_decrease_from_base", "max_ratio_to_base"} <= ops
     assert dict(profile.settings) == {}
 
 
-def test_release_profiles_settings():
+def test_release_profiles_keep_only_what_is_release_specific():
+    default = load_profile("default")
     for name in ("gemma-2b-res-jb", "mistral-7b-res-wg"):
         assert load_profile(name).settings["outlier_norm"] == "auto"
     assert "outlier_norm" not in load_profile("toy-res").settings
+    for name in ("gemma-2b-res-jb", "mistral-7b-res-wg", "toy-res"):
+        assert load_profile(name).checks == default.checks, f"{name} should add no checks of its own"
 
 
 def test_profile_for_release():
@@ -341,6 +320,19 @@ BAD_FILES = [
     ("scope not a table", "finetune = 1\n", ["finetune", "table"]),
     ("empty check", "[finetune.l0]\n", ["finetune.l0", "no bound"]),
     ("min above max", "[finetune.l0]\nmin = 5\nmax = 1\n", ["finetune.l0", "min", "never pass"]),
+    ("interval bound typo", "[finetune.ce_loss_delta]\nmax_increse_ci_high = 0.4\n", ["max_increse_ci_high", "did you mean 'max_increase_ci_high'"]),
+    ("ratio bound typo", "[finetune.l0]\nmin_ratio_to_bas = 0.7\n", ["min_ratio_to_bas", "did you mean 'min_ratio_to_base'"]),
+    ("interval twin on paired", "[paired.feature_transfer_rate]\nmin_ratio_ci_low = 0.5\n", ["min_ratio_ci_low", "finetune", "did you mean 'min'"]),
+    ("ratio floor on paired", "[paired.feature_transfer_rate]\nmin_ratio_to_base = 0.5\n", ["min_ratio_to_base", "did you mean 'min'"]),
+    ("interval twin on base", "[base.kl_div_spliced]\nmax_increase_ci_high = 0.5\n", ["max_increase_ci_high", "did you mean [finetune.kl_div_spliced]"]),
+    ("ratio floor above ceiling", "[finetune.l0]\nmin_ratio_to_base = 2\nmax_ratio_to_base = 1.5\n", ["min_ratio_to_base", "never pass"]),
+    ("interval ratio floor above ceiling", "[finetune.l0]\nmin_ratio_ci_low = 2\nmax_ratio_ci_high = 1.5\n", ["min_ratio_ci_low", "never pass"]),
+    ("interval bound not a number", '[finetune.l0]\nmax_ratio_ci_high = "1.6"\n', ["'max_ratio_ci_high'", "must be a number"]),
+    ("if_undefined value", '[paired.feature_transfer_rate]\nmin = 0.5\nif_undefined = "skip"\n', ["if_undefined", "'fail'", "'warn'"]),
+    ("if_undefined typo", '[paired.feature_transfer_rate]\nmin = 0.5\nif_undefind = "warn"\n', ["if_undefind", "did you mean 'if_undefined'"]),
+    ("if_undefined type", "[paired.feature_transfer_rate]\nmin = 0.5\nif_undefined = true\n", ["if_undefined", "boolean"]),
+    ("new paired metric typo", "[paired.feature_transfer_rat]\nmin = 0.5\n", ["feature_transfer_rat", "did you mean 'feature_transfer_rate'"]),
+    ("new paired metric without scope", "[dense_shift_fraction]\nmax = 0.1\n", ["[paired.dense_shift_fraction]"]),
 ]
 
 
@@ -481,13 +473,15 @@ def test_property_relative_bounds(ft, base, bound):
     if abs(dec - bound) > tol:
         assert r.passed is (dec < bound)
 
-    (r,) = _eval(_one("max_ratio_to_base", bound), ft={"l0": ft}, base={"l0": base})
-    if base == 0:
-        assert r.passed is False and "undefined" in r.message
-    else:
-        ratio = ft / base
+    for key, upper in (("max_ratio_to_base", True), ("min_ratio_to_base", False)):
+        (r,) = _eval(_one(key, bound), ft={"l0": ft}, base={"l0": base})
+        if base == 0 and ft != 0:
+            assert r.passed is False and "undefined" in r.message and r.value is None
+            continue
+        ratio = 1.0 if base == 0 else ft / base  # 0 / 0: the values are equal, nothing changed
+        assert r.value == ratio
         if abs(ratio - bound) > 1e-9 * max(abs(ratio), abs(bound)):
-            assert r.passed is (ratio < bound)
+            assert r.passed is ((ratio < bound) if upper else (ratio > bound))
 
 
 @settings(max_examples=200, deadline=None)
@@ -551,6 +545,130 @@ def test_ids_ops_and_messages():
     assert dec.value == pytest.approx(11.17) and "(-10.27)" in dec.message
     assert by_id["paired.resid_cosine_mean>=0.9"].passed and by_id["paired.resid_cosine_mean>=0.9"].base_value is None
     assert by_id["finetune.nonfinite_fraction<=0"].passed
+
+
+@pytest.mark.parametrize(
+    "bound_key,bound,delta,ratio,passed,value",
+    [
+        ("max_increase_ci_high", 0.4, (0.1, 0.4), None, True, 0.4),
+        ("max_increase_ci_high", 0.4, (0.1, 0.4001), None, False, 0.4001),
+        ("max_decrease_ci_high", 0.3, (-0.3, -0.1), None, True, 0.3),  # decrease interval [0.1, 0.3]
+        ("max_decrease_ci_high", 0.3, (-0.3001, -0.1), None, False, 0.3001),
+        ("max_ratio_ci_high", 1.6, None, (1.2, 1.6), True, 1.6),
+        ("max_ratio_ci_high", 1.6, None, (1.2, 1.6001), False, 1.6001),
+        ("min_ratio_ci_low", 0.62, None, (0.62, 0.9), True, 0.62),
+        ("min_ratio_ci_low", 0.62, None, (0.6199, 0.9), False, 0.6199),
+    ],
+)
+def test_interval_twins_check_the_paired_interval_end(bound_key, bound, delta, ratio, passed, value):
+    profile = _one(bound_key, bound)
+    (r,) = evaluate_pair(
+        profile, {"l0": 50.0}, {"l0": 60.0}, {},
+        finetune_ci={"l0": [59.0, 61.0]},  # the finetune's own interval: never the one checked here
+        delta_ci={"l0": list(delta)} if delta else {}, ratio_ci={"l0": list(ratio)} if ratio else {},
+    )
+    assert r.passed is passed, r.message
+    assert r.value == pytest.approx(value, rel=1e-12)
+    assert r.op == BOUND_KEYS[bound_key] and r.base_value == 50.0
+    checked = delta if delta else ratio
+    expected_ci = (-checked[1], -checked[0]) if bound_key == "max_decrease_ci_high" else checked
+    assert r.ci95 == pytest.approx(expected_ci)
+    assert "paired ci95" in r.message and "[59, 61]" not in r.message
+    assert r.id == f"finetune.l0:{BOUND_KEYS[bound_key]}{bound:g}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(lo=finite, width=st.floats(min_value=0, max_value=1e6), bound=finite)
+def test_property_interval_twins(lo, width, bound):
+    ci = [lo, lo + width]
+    (r,) = evaluate_pair(_one("max_increase_ci_high", bound), {}, {}, {}, delta_ci={"l0": ci})
+    assert r.passed is (ci[1] <= bound) and r.value == ci[1]
+    (r,) = evaluate_pair(_one("max_decrease_ci_high", bound), {}, {}, {}, delta_ci={"l0": ci})
+    assert r.passed is (-ci[0] <= bound) and r.value == -ci[0]
+    (r,) = evaluate_pair(_one("max_ratio_ci_high", bound), {}, {}, {}, ratio_ci={"l0": ci})
+    assert r.passed is (ci[1] <= bound)
+    (r,) = evaluate_pair(_one("min_ratio_ci_low", bound), {}, {}, {}, ratio_ci={"l0": ci})
+    assert r.passed is (ci[0] >= bound)
+
+
+def test_relative_checks_quote_the_paired_interval_of_what_they_check():
+    """An increase is shown with the interval of the increase, not of the finetune's value."""
+    profile = _profile(
+        CheckSpec("finetune", "ce_loss_delta", (("max", 0.5), ("max_increase_over_base", 0.3))),
+        CheckSpec("finetune", "explained_variance", (("max_decrease_from_base", 0.25),)),
+        CheckSpec("finetune", "l0", (("max_ratio_to_base", 1.5), ("min_ratio_to_base", 0.66))),
+    )
+    results = evaluate_pair(
+        profile,
+        {"ce_loss_delta": 0.07, "explained_variance": 0.83, "l0": 49.0},
+        {"ce_loss_delta": 0.27, "explained_variance": 0.46, "l0": 91.0},
+        {},
+        finetune_ci={"ce_loss_delta": [0.257, 0.292], "explained_variance": [0.44, 0.47], "l0": [89.0, 93.0]},
+        delta_ci={"ce_loss_delta": [0.19, 0.21], "explained_variance": [-0.39, -0.36]},
+        ratio_ci={"l0": [1.8, 1.9]},
+    )
+    by_id = {r.id: r for r in results}
+    absolute = by_id["finetune.ce_loss_delta<=0.5"]
+    assert absolute.ci95 == (0.257, 0.292) and "ci95 [0.257, 0.292]" in absolute.message
+    inc = by_id["finetune.ce_loss_delta:increase<=0.3"]
+    assert inc.ci95 == (0.19, 0.21) and inc.message.endswith("(paired ci95 [0.19, 0.21])")
+    assert "0.257" not in inc.message and "0.292" not in inc.message
+    dec = by_id["finetune.explained_variance:decrease<=0.25"]
+    assert dec.ci95 == (0.36, 0.39) and not dec.passed and "paired ci95 [0.36, 0.39]" in dec.message
+    assert "0.44" not in dec.message
+    hi, lo = by_id["finetune.l0:ratio<=1.5"], by_id["finetune.l0:ratio>=0.66"]
+    assert hi.ci95 == lo.ci95 == (1.8, 1.9) and not hi.passed and lo.passed
+    assert "ratio to base = 1.857 (91 / base 49) > max_ratio_to_base 1.5" in hi.message
+    assert "ratio to base = 1.857 (91 / base 49) >= min_ratio_to_base 0.66" in lo.message
+    assert "[89, 93]" not in hi.message + lo.message
+    # without paired intervals, a relative result carries none (rather than the wrong one)
+    (r,) = evaluate_pair(_one("max_ratio_to_base", 1.5), {"l0": 49.0}, {"l0": 91.0}, {}, finetune_ci={"l0": [89.0, 93.0]})
+    assert r.ci95 is None and "ci95" not in r.message
+
+
+def test_zero_over_zero_is_no_change():
+    """A dead SAE stays dead on an unchanged model: L0 0 / 0 is a ratio of 1, not a failure."""
+    for key in ("max_ratio_to_base", "min_ratio_to_base"):
+        (r,) = _eval(_one(key, 1.5 if key.startswith("max") else 0.66), ft={"l0": 0.0}, base={"l0": 0.0})
+        assert r.passed and r.value == 1.0 and "both 0" in r.message
+    (r,) = _eval(_one("min_ratio_to_base", 0.66), ft={"l0": 3.0}, base={"l0": 0.0})
+    assert not r.passed and "undefined" in r.message
+
+
+def test_if_undefined_warn_turns_a_null_value_into_a_warning():
+    spec = CheckSpec("paired", "feature_transfer_rate", (("min", 0.5),), if_undefined="warn")
+    for raw, word in ((None, "null"), (float("nan"), "NaN")):
+        (r,) = evaluate_pair(_profile(spec), {}, {}, {"feature_transfer_rate": raw})
+        assert not r.passed and r.severity == "warn" and r.value is None
+        assert word in r.message and "undefined on this run" in r.message
+        assert evaluate_pair(_profile(spec), {}, {}, {"feature_transfer_rate": raw}, missing="skip") == []
+    # absent from the report is not "undefined": it fails
+    (r,) = evaluate_pair(_profile(spec), {}, {}, {})
+    assert not r.passed and r.severity == "fail" and "missing" in r.message
+    # a value is judged as usual
+    (r,) = evaluate_pair(_profile(spec), {}, {}, {"feature_transfer_rate": 0.2})
+    assert not r.passed and r.severity == "fail"
+    # the default (if_undefined = "fail") keeps failing on null
+    plain = dataclasses.replace(spec, if_undefined="fail")
+    (r,) = evaluate_pair(_profile(plain), {}, {}, {"feature_transfer_rate": None})
+    assert not r.passed and r.severity == "fail"
+    # relative bounds: a null base value warns too, as does a missing paired interval of a null value
+    rel = CheckSpec("finetune", "kl_div_spliced", (("max_increase_over_base", 0.6), ("max_increase_ci_high", 0.8)),
+                    if_undefined="warn")
+    results = evaluate_pair(_profile(rel), {"kl_div_spliced": None}, {"kl_div_spliced": 0.3}, {})
+    assert [r.severity for r in results] == ["warn", "warn"] and not any(r.passed for r in results)
+    assert "base.kl_div_spliced is null" in results[0].message
+
+
+def test_failed_base_checks_say_it_is_the_sae_not_the_finetune():
+    spec = CheckSpec("base", "ce_loss_recovered", (("min", 0.9),), severity="warn")
+    (r,) = evaluate_pair(_profile(spec), {"ce_loss_recovered": 0.62}, {}, {})
+    assert not r.passed and "the SAE's own quality on the base model" in r.message
+    (r,) = evaluate_pair(_profile(spec), {"ce_loss_recovered": 0.97}, {}, {})
+    assert r.passed and "own quality" not in r.message
+    run = CheckSpec("base", "nonfinite_fraction", (("max", 0.0),))
+    (r,) = evaluate_pair(_profile(run), {"nonfinite_fraction": 0.1}, {}, {})
+    assert not r.passed and "own quality" not in r.message  # a broken run, not a weak SAE
 
 
 def test_message_shows_difference_near_the_bound():
@@ -701,33 +819,49 @@ def test_evaluate_checks_missing_modes_on_report():
     ft = report.finetunes[0]
     assert ft.passed is False
     assert all(c.value is None for c in ft.checks if not c.passed and c.metric != "finetune.l0")
+    # without paired intervals the interval twins cannot be checked, and say why
+    twin = next(c for c in ft.checks if c.id == "finetune.l0:ratio_ci_high<=1.6")
+    assert not twin.passed and "no paired interval" in twin.message and "ratio_ci95" in twin.message
     evaluate_checks(profile, report, missing="skip")
-    assert [c.id for c in ft.checks] == ["base.nonfinite_fraction<=0", "finetune.l0:ratio<=1.5"]
+    assert [c.id for c in ft.checks] == ["base.nonfinite_fraction<=0", "finetune.l0:ratio<=1.5", "finetune.l0:ratio>=0.66"]
     assert ft.passed is True
+    # the paired intervals on the result are read by evaluate_checks
+    ft.ratio_ci95 = {"l0": [1.1, 1.3]}
+    evaluate_checks(profile, report, missing="skip")
+    assert "finetune.l0:ratio_ci_high<=1.6" in [c.id for c in ft.checks]
+    ratio = next(c for c in ft.checks if c.id == "finetune.l0:ratio<=1.5")
+    assert ratio.ci95 == (1.1, 1.3) and "paired ci95 [1.1, 1.3]" in ratio.message
 
 
 def test_default_gate_on_a_full_report_with_nonfinite():
     """Every default check has an input in a complete report; a non-finite token fails the gate."""
     profile = load_profile("default")
     base = {k: 0.0 for k in MODEL_METRIC_KEYS}
-    base.update(l0=50.0, ce_loss_delta=0.1, explained_variance=0.8, r2_pooled=0.85)
-    ft = dict(base, l0=55.0, ce_loss_delta=0.15, explained_variance=0.75, r2_pooled=0.8)
-    paired = {k: 0.0 for k in PAIRED_METRIC_KEYS}
+    base.update(l0=50.0, ce_loss_delta=0.1, ce_loss_recovered=0.95, kl_div_spliced=0.2, explained_variance=0.8,
+                r2_pooled=0.85, dense_fraction=0.01)
+    ft = dict(base, l0=55.0, ce_loss_delta=0.15, ce_loss_recovered=0.93, kl_div_spliced=0.3, explained_variance=0.75,
+              r2_pooled=0.8)
+    paired = {k: 0.0 for k in CHECKABLE_PAIRED_KEYS}
     paired.update(
         resid_cosine_mean=0.97,
         activation_similarity_mean=0.9,
         density_log10_pearson=0.95,
         dead_shift_fraction=0.01,
+        dense_shift_fraction=0.02,
+        feature_transfer_rate=0.9,
         logit_similarity_mean=0.999,
         weight_deviation=[0.01, 0.02],
         resid_cosine_by_position=[0.9, None],
     )
     ci = {"ce_loss_delta": [0.12, 0.18], "explained_variance": [0.7, 0.8], "l0": [54.0, 56.0]}
-    results = evaluate_pair(profile, base, ft, paired, finetune_ci=ci)
+    delta = {k: [ft[k] - base[k] - 0.02, ft[k] - base[k] + 0.02] for k in MODEL_METRIC_KEYS}
+    ratio = {"l0": [1.05, 1.15]}
+    results = evaluate_pair(profile, base, ft, paired, finetune_ci=ci, delta_ci=delta, ratio_ci=ratio)
     assert results and all(r.passed for r in results), [r.message for r in results if not r.passed]
     assert len(results) == sum(len(c.bounds) for c in profile.checks)
 
-    results = evaluate_pair(profile, base, dict(ft, nonfinite_fraction=1e-6), paired, finetune_ci=ci)
+    results = evaluate_pair(profile, base, dict(ft, nonfinite_fraction=1e-6), paired, finetune_ci=ci, delta_ci=delta,
+                            ratio_ci=ratio)
     assert [r.id for r in results if not r.passed] == ["finetune.nonfinite_fraction<=0"]
 
 
@@ -740,3 +874,16 @@ def test_check_ids_are_unique_and_readable_in_bundled_profiles():
         assert len(ids) == len(set(ids))
         assert all(pattern.match(i) for i in ids), ids
         assert not any(math.isnan(r.bound) for r in results)
+
+
+def test_planned_checks_are_what_evaluate_pair_returns():
+    """Gate items are collected from planned_checks; each must find its result, in order."""
+    from pytest_sae_transfer.thresholds import planned_checks
+
+    for name in available_profiles():
+        profile = load_profile(name)
+        planned = planned_checks(profile)
+        for missing_values in ({}, {"l0": 50.0, "ce_loss_delta": 0.1}):
+            results = evaluate_pair(profile, missing_values, missing_values, {})
+            assert [(r.id, r.metric) for r in results] == [(cid, metric) for cid, metric, _ in planned]
+        assert [sev for _, _, sev in planned] == [s.severity for s in profile.checks for _ in s.bounds]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..metrics.bootstrap import Resampler, model_intervals, paired_intervals
+from ..metrics.bootstrap import Resampler, model_intervals, paired_intervals, paired_model_intervals
 from ..metrics.model import ModelAccumulator
 from ..metrics.pairs import clean_metrics, paired_metrics
 from ..report import FeatureArrays, FinetuneResult, ModelResult, TransferReport
@@ -70,6 +70,7 @@ def base_state(name: str, acc: ModelAccumulator, weights: Resampler | None, outl
         n_eval=acc.n_eval,
         histograms=acc.histograms(),
         outlier_norm=outlier_norm,
+        context_tables=acc.context_tables(),
     )
 
 
@@ -93,6 +94,8 @@ def finetune_results(
         result.paired = paired
         result.notes.extend(notes)
         result.paired_ci95 = paired_intervals(pair.context_table(), weights) if weights is not None else {}
+        if weights is not None and state.context_tables is not None:
+            result.delta_ci95, result.ratio_ci95 = paired_model_intervals(state.context_tables, ft_acc.context_tables(), weights)
         results.append(result)
         features.vectors[name] = vectors
         for hist_key, hist in {**ft_acc.histograms(), **pair.histograms()}.items():

@@ -10,7 +10,7 @@ import torch
 from ..errors import InputError
 from ..report import ModelResult, TransferReport
 
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"  # 2: paired delta/ratio intervals, feature transfer and dense shift
 
 
 class EngineError(InputError, ValueError):
@@ -45,6 +45,8 @@ class BaseState:
     n_eval: float
     histograms: dict[str, dict[str, Any]]
     outlier_norm: float | None
+    #: The base's per-context tables (stats, sum_x), for the finetunes' paired intervals.
+    context_tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclasses.dataclass

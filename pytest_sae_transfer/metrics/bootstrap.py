@@ -7,6 +7,13 @@ in blocks of BLOCK replicates, so memory is O(BLOCK x C) however many
 replicates are asked for. The generator is seeded and the blocks are drawn in
 order, so the same contexts and seed give the same interval, and every model
 and pair of one run sees the same resamples.
+
+A finetune-minus-base difference gets its own, *paired* interval
+(:func:`paired_model_intervals`): one multiplicity matrix weights the base's and the
+finetune's per-context tables alike, so each replicate compares the two models on the
+same resampled contexts. Context-to-context variation that both models share (a hard
+document is hard for both) cancels in the difference, which an interval built from the
+two separate intervals cannot do.
 """
 
 from __future__ import annotations
@@ -68,6 +75,50 @@ def model_intervals(
         for key in keys:
             samples[key].append(reps[key])
     return _intervals(samples)
+
+
+def paired_model_intervals(
+    base_tables: tuple[torch.Tensor, torch.Tensor],
+    finetune_tables: tuple[torch.Tensor, torch.Tensor],
+    resampler: Resampler,
+    with_losses: bool = True,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """95% intervals of finetune − base and finetune / base for every key of ``MODEL_CI_KEYS``.
+
+    ``base_tables`` and ``finetune_tables`` are each model's ``(stats, sum_x)`` from
+    :meth:`~.model.ModelAccumulator.context_tables`: the same contexts in the same order.
+    Every replicate applies one row of multiplicities to both models. A replicate whose
+    ratio is undefined (base 0, finetune not 0) is left out of the ratio's interval;
+    0 / 0 counts as 1 (no change), as the threshold checks read it.
+
+    Returns ``(delta, ratio)``, each a map from metric key to ``[lo, hi]``; a key is absent
+    when fewer than two replicates gave a finite value.
+    """
+    (b_stats, b_sum_x), (f_stats, f_sum_x) = base_tables, finetune_tables
+    if b_stats.shape != f_stats.shape or b_sum_x.shape != f_sum_x.shape:
+        raise ValueError(
+            "a paired interval needs the same contexts for base and finetune; got tables of shapes "
+            f"{tuple(b_stats.shape)}/{tuple(b_sum_x.shape)} and {tuple(f_stats.shape)}/{tuple(f_sum_x.shape)}"
+        )
+    if b_stats.shape[0] != resampler.n_contexts:
+        raise ValueError(f"the resampler draws {resampler.n_contexts} contexts, the tables hold {b_stats.shape[0]}")
+    keys = [k for k in MODEL_CI_KEYS if with_losses or not (k.startswith("ce_") or k.startswith("kl_"))]
+    d_in = b_sum_x.shape[1]
+    deltas: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+    ratios: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+    for weights in resampler.blocks():
+        base = scalar_metrics(weights @ b_stats, weights @ b_sum_x, d_in)
+        ft = scalar_metrics(weights @ f_stats, weights @ f_sum_x, d_in)
+        for key in keys:
+            deltas[key].append(ft[key] - base[key])
+            ratios[key].append(ratio_of(ft[key], base[key]))
+    return _intervals(deltas), _intervals(ratios)
+
+
+def ratio_of(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den elementwise; 1 where both are 0 (equal values), ±inf or NaN where only den is 0."""
+    both_zero = (num == 0) & (den == 0)
+    return torch.where(both_zero, torch.ones_like(num), num / den)
 
 
 def paired_intervals(table: torch.Tensor, resampler: Resampler) -> dict[str, list[float]]:

@@ -54,6 +54,37 @@ PAIRED_METRIC_KEYS: tuple[str, ...] = (
 )
 
 
+#: Paired keys beyond SPEC's table that a profile may check, in report order.
+#:
+#: * ``n_regular_base``: features regular on the base (-5 <= log10 density <= -1), the
+#:   denominator of the transfer rate.
+#: * ``n_transferred``: of those, the features still regular on the finetune whose
+#:   activation similarity is defined and at least ``TRANSFER_MIN_SIMILARITY``.
+#: * ``feature_transfer_rate``: ``n_transferred / n_regular_base``; null when the base has
+#:   no regular feature. A feature that turned dead, dense or rare on the finetune, or
+#:   whose similarity is undefined, counts as not transferred.
+#: * ``n_dense_base_only`` / ``n_dense_finetune_only``: features dense (density above
+#:   ``DENSE_DENSITY``) in one model only; ``dense_shift_fraction`` is their sum over d_sae,
+#:   the dense counterpart of ``dead_shift_fraction``.
+PAIRED_EXTRA_KEYS: tuple[str, ...] = (
+    "n_regular_base",
+    "n_transferred",
+    "feature_transfer_rate",
+    "n_dense_base_only",
+    "n_dense_finetune_only",
+    "dense_shift_fraction",
+)
+
+#: Every paired key a threshold profile may name.
+CHECKABLE_PAIRED_KEYS: tuple[str, ...] = PAIRED_METRIC_KEYS + PAIRED_EXTRA_KEYS
+
+#: A feature transfers when its activation similarity is at least this (and it stays regular).
+TRANSFER_MIN_SIMILARITY = 0.8
+
+#: A feature is dense when it fires on more than this fraction of included tokens.
+DENSE_DENSITY = 0.1
+
+
 #: Names of the per-feature vectors that go to the sidecar.
 FEATURE_VECTOR_KEYS: tuple[str, ...] = (
     "density_base",

@@ -1,6 +1,7 @@
 """A finetune's paired block, computed after the pass from the streamed sums: densities,
-the regular and dead-in-one-model feature sets, activation and logit similarity, the
-dead-feature activation error, and the residual-stream similarity."""
+the regular, dead-in-one-model and dense-in-one-model feature sets, activation and logit
+similarity, the share of the base's regular features that transfer, the dead-feature
+activation error, and the residual-stream similarity."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .keys import DENSE_DENSITY, TRANSFER_MIN_SIMILARITY
 from .model import ModelAccumulator
 from .paired import P_COS, P_EUC, P_N, PairedAccumulator
 from .stats import LOG_EPS, pearson_from_sums, rowwise_pearson
@@ -33,6 +35,39 @@ def _summary(values: torch.Tensor) -> tuple[float | None, float | None, float | 
     return float(arr.mean()), float(np.median(arr)), float((arr > 0.8).mean())
 
 
+def regular_mask(log_density: torch.Tensor) -> torch.Tensor:
+    """Features with -5 <= log10 density <= -1 (SPEC's regular band)."""
+    return (log_density >= -5) & (log_density <= -1)
+
+
+def feature_transfer(
+    log_b: torch.Tensor, log_f: torch.Tensor, dens_b: torch.Tensor, dens_f: torch.Tensor, similarity: torch.Tensor
+) -> dict[str, Any]:
+    """Which of the base's regular features survive the finetune, and which turned dense.
+
+    ``similarity`` is every feature's activation similarity (NaN where undefined). A
+    feature regular on the base transfers when it is regular on the finetune too and its
+    similarity is defined and at least ``TRANSFER_MIN_SIMILARITY``; one that turned dead,
+    dense or rare, or whose similarity is undefined, does not. The rate is null when the
+    base has no regular feature (nothing to transfer).
+    """
+    d_sae = int(log_b.numel())
+    on_base = regular_mask(log_b)
+    kept = on_base & regular_mask(log_f) & (similarity >= TRANSFER_MIN_SIMILARITY)  # NaN compares False
+    n_base, n_kept = int(on_base.sum()), int(kept.sum())
+    dense_b, dense_f = dens_b > DENSE_DENSITY, dens_f > DENSE_DENSITY
+    n_dense_b_only = int((dense_b & ~dense_f).sum())
+    n_dense_f_only = int((~dense_b & dense_f).sum())
+    return {
+        "n_regular_base": n_base,
+        "n_transferred": n_kept,
+        "feature_transfer_rate": n_kept / n_base if n_base else None,
+        "n_dense_base_only": n_dense_b_only,
+        "n_dense_finetune_only": n_dense_f_only,
+        "dense_shift_fraction": (n_dense_b_only + n_dense_f_only) / d_sae if d_sae else None,
+    }
+
+
 def paired_metrics(
     base_fire_count: torch.Tensor,
     base_n_eval: float,
@@ -48,7 +83,7 @@ def paired_metrics(
     log_f = torch.log10(dens_f + LOG_EPS)
     dead_b = base_fire_count == 0
     dead_f = ft_acc.fire_count == 0
-    regular = (log_b >= -5) & (log_b <= -1) & (log_f >= -5) & (log_f <= -1)
+    regular = regular_mask(log_b) & regular_mask(log_f)
 
     table = pair.context_table()
     n_pair = float(table[:, P_N].sum())
@@ -95,6 +130,7 @@ def paired_metrics(
         "weight_deviation": weights_part["weight_deviation"],
         "n_shared_vocab": int(weights_part["n_shared_vocab"]),
     }
+    paired.update(feature_transfer(log_b, log_f, dens_b, dens_f, act_sim_all))
     vectors = {
         "density_base": dens_b.numpy(),
         "density_finetune": dens_f.numpy(),

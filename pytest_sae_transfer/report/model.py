@@ -20,7 +20,9 @@ The JSON layout (version 2)::
 Version 1 (one SAE, everything at the top level) is read as a run of one SAE.
 Confidence intervals sit beside the metrics they belong to: ``"ci95"`` for an entry's
 ``metrics`` and ``"paired_ci95"`` for its ``paired`` block, each a map from metric key
-to ``[lo, hi]``.
+to ``[lo, hi]``. A finetune also carries ``"delta_ci95"`` and ``"ratio_ci95"``: paired
+intervals of its metric minus, and divided by, the base's (both resampled on the same
+contexts).
 """
 
 from __future__ import annotations

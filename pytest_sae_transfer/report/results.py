@@ -80,6 +80,9 @@ class FinetuneResult(ModelResult):
     paired: dict[str, Any] = dataclasses.field(default_factory=dict)
     paired_ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     checks: list[CheckResult] = dataclasses.field(default_factory=list)
+    #: Paired bootstrap intervals of finetune − base and finetune / base, per metric key.
+    delta_ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    ratio_ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool | None:
@@ -95,6 +98,8 @@ class FinetuneResult(ModelResult):
                 {
                     "paired": self.paired,
                     "paired_ci95": self.paired_ci95,
+                    "delta_ci95": self.delta_ci95,
+                    "ratio_ci95": self.ratio_ci95,
                     "checks": [c.to_json() for c in self.checks],
                     "passed": self.passed,
                 }
@@ -112,5 +117,7 @@ class FinetuneResult(ModelResult):
             paired=dict(data.get("paired", {})),
             paired_ci95={k: list(v) for k, v in data.get("paired_ci95", {}).items()},
             checks=[CheckResult.from_json(c) for c in data.get("checks", [])],
+            delta_ci95={k: list(v) for k, v in (data.get("delta_ci95") or {}).items()},
+            ratio_ci95={k: list(v) for k, v in (data.get("ratio_ci95") or {}).items()},
         )
 

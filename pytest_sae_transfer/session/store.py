@@ -49,13 +49,18 @@ class ResultStore:
             n_eval=float(payload["n_eval"]),
             histograms=decode_histograms(arrays),
             outlier_norm=payload.get("outlier_norm"),
+            context_tables=(
+                (torch.from_numpy(arrays["context_stats"]), torch.from_numpy(arrays["context_sum_x"]))
+                if "context_stats" in arrays and "context_sum_x" in arrays
+                else None
+            ),
         )
 
     def put_base(self, state: BaseState) -> None:
         self._put(
             self.base_key(),
             {"result": state.result.to_json(), "n_eval": state.n_eval, "outlier_norm": state.outlier_norm},
-            {"fire_count": state.fire_count.numpy(), **encode_histograms(state.histograms)},
+            {"fire_count": state.fire_count.numpy(), **encode_histograms(state.histograms), **_tables(state)},
         )
 
     def get_pair(self, finetune: str, finetune_identity: str) -> PairEntry | None:
@@ -82,3 +87,10 @@ class ResultStore:
             if note not in self.notes:
                 self.notes.append(note)
 
+
+def _tables(state: BaseState) -> dict[str, Any]:
+    """The base's per-context tables as cache arrays (the finetunes' paired intervals need them)."""
+    if state.context_tables is None:
+        return {}
+    stats, sum_x = state.context_tables
+    return {"context_stats": stats.numpy(), "context_sum_x": sum_x.numpy()}

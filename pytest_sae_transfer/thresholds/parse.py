@@ -9,11 +9,12 @@ import os
 import types
 from typing import Any, Mapping
 
-from ..metrics.keys import MODEL_METRIC_KEYS, PAIRED_METRIC_KEYS
+from ..metrics.keys import CHECKABLE_PAIRED_KEYS, MODEL_METRIC_KEYS
 from .sources import Source, read_toml, resolve_entry, resolve_extends, suggest
 from .vocabulary import (
     BOUND_KEYS,
     CHECK_OPTION_KEYS,
+    IF_UNDEFINED,
     LIST_METRICS,
     PROFILE_KEYS,
     RELATIVE_BOUNDS,
@@ -110,6 +111,7 @@ def _parse_check(scope: str, metric: str, table: Any, src: Source) -> tuple[Chec
             f"(e.g. [{name}] with max = ...), got {type_name(table)}"
         )
     severity = "fail"
+    if_undefined = "fail"
     enabled = True
     bounds: list[tuple[str, float]] = []
     for key, value in table.items():
@@ -122,6 +124,14 @@ def _parse_check(scope: str, metric: str, table: Any, src: Source) -> tuple[Chec
                     + suggest(str(value).lower(), SEVERITIES)
                 )
             severity = value
+        elif key == "if_undefined":
+            if not isinstance(value, str) or value not in IF_UNDEFINED:
+                shown = repr(value) if isinstance(value, str) else type_name(value)
+                raise ProfileError(
+                    f"{kwhere}: if_undefined must be \"fail\" or \"warn\", got {shown}; "
+                    + suggest(str(value).lower(), IF_UNDEFINED)
+                )
+            if_undefined = value
         elif key == "enabled":
             if not isinstance(value, bool):
                 raise ProfileError(f"{kwhere}: must be true or false, got {type_name(value)}")
@@ -131,7 +141,7 @@ def _parse_check(scope: str, metric: str, table: Any, src: Source) -> tuple[Chec
                 if metric in MODEL_METRIC_KEYS:
                     hint = f"did you mean [finetune.{metric}]?"
                 else:  # a paired metric already compares the two models
-                    plain = "min" if key == "max_decrease_from_base" else "max"
+                    plain = "min" if key.startswith("min_") or "decrease" in key else "max"
                     hint = f"a paired metric already compares base and finetune: did you mean '{plain}'?"
                 raise ProfileError(
                     f"{kwhere}: '{key}' compares a finetune with the base, so it is only valid "
@@ -155,9 +165,13 @@ def _parse_check(scope: str, metric: str, table: Any, src: Source) -> tuple[Chec
             "(or enabled = false to drop an inherited check)"
         )
     b = dict(bounds)
-    if "min" in b and "max" in b and b["min"] > b["max"]:
-        raise ProfileError(f"{where} key 'min': min {b['min']!r} > max {b['max']!r}, the check can never pass")
-    return CheckSpec(scope=scope, metric=metric, bounds=tuple(bounds), severity=severity, source=src.display), True
+    for low, high in (("min", "max"), ("min_ratio_to_base", "max_ratio_to_base"), ("min_ratio_ci_low", "max_ratio_ci_high")):
+        if low in b and high in b and b[low] > b[high]:
+            raise ProfileError(f"{where} key '{low}': {low} {b[low]!r} > {high} {b[high]!r}, the check can never pass")
+    spec = CheckSpec(
+        scope=scope, metric=metric, bounds=tuple(bounds), severity=severity, source=src.display, if_undefined=if_undefined
+    )
+    return spec, True
 
 
 def _parse(raw: Mapping[str, Any], src: Source) -> _Parsed:
@@ -166,7 +180,7 @@ def _parse(raw: Mapping[str, Any], src: Source) -> _Parsed:
     settings: dict[str, Any] = {}
     checks: list[CheckSpec] = []
     disabled: set[str] = set()
-    all_metrics = set(MODEL_METRIC_KEYS) | set(PAIRED_METRIC_KEYS)
+    all_metrics = set(MODEL_METRIC_KEYS) | set(CHECKABLE_PAIRED_KEYS)
     for top, value in raw.items():
         if top == "profile":
             if not isinstance(value, dict):
@@ -175,7 +189,7 @@ def _parse(raw: Mapping[str, Any], src: Source) -> _Parsed:
             continue
         if top not in SCOPES:
             if top in all_metrics:
-                scope = "paired" if top in PAIRED_METRIC_KEYS else "finetune"
+                scope = "paired" if top in CHECKABLE_PAIRED_KEYS else "finetune"
                 hint = f"a check table is [<scope>.<metric>]: did you mean [{scope}.{top}]?"
                 table = top
             else:
