@@ -105,10 +105,3 @@ def rank_features(vectors: Mapping[str, Any], n: int = DEFAULT_TOP_N) -> dict[st
         "largest_density_change": entry(alive_b & alive_f, change, descending=True),
     }
 
-
-def ranked_ids(rankings: Mapping[str, Mapping[str, Any]], extra: Any = ()) -> list[int]:
-    """Every feature id the lists (and ``extra``, e.g. watched ids) name, once, ascending:
-    the features whose promoted tokens and contexts a report needs."""
-    out = {int(i) for r in rankings.values() for i in r.get("ids", ())}
-    out.update(int(i) for i in extra)
-    return sorted(out)

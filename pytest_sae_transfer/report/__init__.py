@@ -2,7 +2,9 @@
 
 Modules: ``model`` (the result objects and their JSON form) · ``features``
 (per-feature arrays and their one key encoding) · ``files`` (atomic writes) ·
-``view`` (the result object custom tests receive). The engine fills these
+``contexts`` (token windows as text) · ``feature_section`` (a finetune's worst and
+watched features, with their text) · ``view`` (the result object custom tests
+receive). The engine fills these
 objects; thresholds, the session and the renderers read them.
 May import: ``errors``, ``metrics.keys``.
 """
