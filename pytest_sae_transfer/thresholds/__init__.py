@@ -39,7 +39,8 @@ The bundled profiles are the top-level ``thresholds/`` folder of the repository,
 installed as ``pytest_sae_transfer/profiles`` (see pyproject.toml).
 
 Modules: ``vocabulary`` (scopes, metrics, bound keys, the data model) ·
-``sources`` (finding bundled and user files) · ``parse`` (TOML into a
+``sources`` (finding bundled and user files) · ``watchlist`` (the ``[features]``
+table: watched features, their bounds and checks) · ``parse`` (TOML into a
 :class:`Profile`, with ``extends``) · ``evaluate`` (checks on a report).
 May import: ``errors``, ``metrics.keys``, ``report``.
 """
