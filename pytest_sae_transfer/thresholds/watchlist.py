@@ -464,7 +464,7 @@ def _value(vectors: Mapping[str, Any], key: str, feature_id: int) -> float | Non
         return None
     try:
         v = float(arr[feature_id])
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, KeyError):
         return None
     return v if math.isfinite(v) else None
 
@@ -573,6 +573,18 @@ def evaluate_feature(
         v, b = _fmt_vs(value, bound)
         out.append(result(ok, value, f"{name} {kind} similarity = {v} {'>=' if ok else '<'} min {b} ({density_txt})", bound))
     return out
+
+
+def evaluated_tokens(metrics: Mapping[str, Any]) -> float | None:
+    """The tokens a model's densities were measured on: its included tokens less the
+    non-finite ones (``n_tokens - n_nonfinite`` of its metrics), or None if unknown."""
+    n = metrics.get("n_tokens")
+    if n is None or isinstance(n, bool):
+        return None
+    try:
+        return float(n) - float(metrics.get("n_nonfinite") or 0)
+    except (TypeError, ValueError):
+        return None
 
 
 def evaluate_watchlist(
