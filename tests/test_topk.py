@@ -183,3 +183,18 @@ def test_cuda_matches_cpu():
     for lo in range(0, 16, 3):
         acc.update(feats[lo : lo + 3].cuda(), included[lo : lo + 3].cuda(), lo)
     assert_same(acc.result(), expected)
+
+
+def test_tables_round_trip_through_the_sidecar(tmp_path):
+    from pytest_sae_transfer.report import FeatureArrays
+
+    feats = np.random.default_rng(1).random((3, 4, 5)).astype(np.float32)
+    tables = {"base": streamed(feats, np.ones((3, 4), dtype=bool), 3, []),
+              "ft::odd name": streamed(feats * 2, np.ones((3, 4), dtype=bool), 3, [1])}
+    arrays = FeatureArrays(vectors={"ft::odd name": {"density_base": np.ones(5)}},
+                           topk={name: t.to_arrays() for name, t in tables.items()})
+    arrays.save(tmp_path / "r.features.npz")
+    back = FeatureArrays.load(tmp_path / "r.features.npz")
+    assert set(back.topk) == set(tables) and set(back.vectors) == {"ft::odd name"}
+    for name, table in tables.items():
+        assert_same(TopKTable.from_arrays(back.topk[name]), table)

@@ -10,7 +10,7 @@ May import: ``errors``, ``metrics.keys``.
 """
 
 from ..metrics.keys import FEATURE_VECTOR_KEYS, MODEL_METRIC_KEYS, PAIRED_METRIC_KEYS
-from .features import FeatureArrays, decode_histograms, encode_histograms
+from .features import FeatureArrays, decode_histograms, decode_topk, encode_histograms, encode_topk
 from .files import STALE_TEMP_AGE_S, atomic_write
 from .model import SCHEMA_VERSION, CheckResult, FinetuneResult, ModelResult, TransferReport
 from .view import MetricView, PairResult
@@ -30,5 +30,7 @@ __all__ = [
     "TransferReport",
     "atomic_write",
     "decode_histograms",
+    "decode_topk",
     "encode_histograms",
+    "encode_topk",
 ]
