@@ -535,7 +535,8 @@ def evaluate_feature(
         cid = _check_id(name, key, bound)
         metric = _metric(feature_id, key)
 
-        def result(passed: bool, value: float | None, message: str, shown_bound: float, shown_op: str = op) -> CheckResult:
+        def result(passed: bool, value: float | None, message: str, shown_bound: float, shown_op: str = op,
+                   cid: str = cid, metric: str = metric) -> CheckResult:
             return CheckResult(id=cid, metric=metric, op=shown_op, bound=shown_bound, value=value,
                                passed=passed, severity=severity, message=message)
 
