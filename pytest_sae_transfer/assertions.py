@@ -8,6 +8,9 @@ shows what was obtained and what was expected::
     def test_code_features_survive(transfer_result):
         assert_features_similar(transfer_result, [12, 40, 311], min_similarity=0.9)
         assert_metric(transfer_result, "finetune.ce_loss_delta", max=0.5)
+        assert_feature_transfers(transfer_result, 311, min_activation_similarity=0.8)
+
+A feature's top contexts read as text: ``transfer_result.feature(311).top_contexts("finetune")``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ __all__ = [
     "assert_metric",
     "assert_close_to_base",
     "assert_features_similar",
+    "assert_feature_transfers",
     "assert_transfers",
     "assert_no_nonfinite",
 ]
@@ -162,3 +166,56 @@ def assert_no_nonfinite(result: Any, scopes: Sequence[str] = ("base", "finetune"
         value = _number(result, f"{scope}.nonfinite_fraction")
         if value > 0:
             raise AssertionError(f"{scope}.nonfinite_fraction of {result.name!r}\n  obtained: {_fmt(value)}\n  expected: 0")
+
+
+def assert_feature_transfers(
+    result: Any,
+    feature_id: int,
+    *,
+    min_activation_similarity: float | None = 0.8,
+    min_logit_similarity: float | None = None,
+    max_density_ratio: float | None = None,
+    min_density_ratio: float | None = None,
+    must_stay_alive: bool = True,
+    min_firings: int = 10,
+) -> None:
+    """One feature still works on the finetune: the same bounds, and the same "cannot judge"
+    rules, as a profile's ``[features.<id>]`` watch (a dead feature, or one that fired fewer
+    than ``min_firings`` times, fails rather than passing unjudged). The message shows what
+    was obtained, the bounds, and the feature's top contexts on both models where recorded."""
+    __tracebackhide__ = True
+    from .thresholds.watchlist import evaluate_feature, evaluated_tokens
+
+    try:
+        view = result.feature(feature_id)
+    except IndexError as exc:
+        raise AssertionError(str(exc)) from None
+    bounds = [
+        (key, value)
+        for key, value in (
+            ("min_activation_similarity", min_activation_similarity),
+            ("min_logit_similarity", min_logit_similarity),
+            ("max_density_ratio", max_density_ratio),
+            ("min_density_ratio", min_density_ratio),
+            ("must_stay_alive", must_stay_alive),
+        )
+        if value is not None and value is not False
+    ]
+    if not bounds:
+        raise ValueError("assert_feature_transfers needs at least one bound")
+    vectors = result.features.as_dict() if hasattr(result.features, "as_dict") else dict(result.features)
+    if not vectors and view.card is not None:  # no sidecar: the numbers on the feature's card
+        vectors = {key: {view.id: view.card.get(key)} for key in view._NUMBERS}
+    checks = evaluate_feature(
+        view.id, view.label, bounds, vectors,
+        evaluated_tokens(result.base.as_dict()), evaluated_tokens(result.metrics.as_dict()), min_firings=min_firings,
+    )
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        expected = "; ".join(f"{c.id.split('].', 1)[1]}" for c in checks)
+        lines = "\n".join(f"    {c.message}" for c in failed)
+        raise AssertionError(
+            f"{view.name} of {result.name!r} vs base {result.base_name!r}: {len(failed)} of {len(checks)} bounds failed\n"
+            f"  expected: {expected}\n  obtained:\n{lines}\n{view.describe()}"
+        )
+

@@ -8,7 +8,9 @@ Modules: ``keys`` (metric names; no torch) · ``stats`` (Pearson from sums,
 RowTable) · ``model`` (per-model accumulator and formulas) · ``paired``
 (base-vs-finetune accumulator) · ``pairs`` (the paired block from the sums) ·
 ``weights`` (metrics from the weights alone) · ``bootstrap`` (intervals over
-contexts). This package's ``__init__`` imports nothing, so that the metric names
+contexts) · ``topk`` (each feature's top activating tokens, streamed: O(d_sae x k))
+· ``feature_rank`` (the worst-transferring features) · ``promoted`` (a feature's
+top tokens from W_dec · W_U). This package's ``__init__`` imports nothing, so that the metric names
 can be read without torch.
 May import: nothing of the package but itself.
 """

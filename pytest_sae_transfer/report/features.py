@@ -30,6 +30,22 @@ def decode_histograms(arrays: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def encode_topk(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``{model: {"values", "contexts", "positions"}}`` (each model's top-k table, see
+    ``metrics.topk.TopKTable.to_arrays``) as flat arrays ``topk::<model>::<part>``."""
+    return {f"topk::{model}::{part}": arr for model, parts in tables.items() for part, arr in parts.items()}
+
+
+def decode_topk(arrays: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The inverse of :func:`encode_topk`; other keys are ignored. Model names may contain "::"."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in arrays.items():
+        if key.startswith("topk::"):
+            model, part = key[len("topk::"):].rsplit("::", 1)
+            out.setdefault(model, {})[part] = value
+    return out
+
+
 @dataclasses.dataclass
 class FeatureArrays:
     """Per-feature vectors and streamed histograms, keyed by finetune name.
@@ -38,11 +54,14 @@ class FeatureArrays:
     finetune ``ft``; ``histograms`` holds fixed-bin histograms, as
     ``{name: {"edges": array, "counts": array}}`` where ``name`` is
     ``"base/feature_log10_act"`` or ``"<ft>/resid_cosine"`` and the like.
+    ``topk`` holds each model's top-k activation table (``"base"`` and each
+    finetune's name) as ``{"values", "contexts", "positions"}`` [d_sae, k] arrays.
     Arrays are numpy arrays in memory.
     """
 
     vectors: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     histograms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    topk: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def flat(self) -> dict[str, Any]:
         """Every array under one flat key (``vec::<ft>::<key>``, ``hist::<name>::<part>``)."""
@@ -53,6 +72,7 @@ class FeatureArrays:
             for key, arr in vecs.items():
                 flat[f"vec::{ft}::{key}"] = np.asarray(arr)
         flat.update({k: np.asarray(v) for k, v in encode_histograms(self.histograms).items()})
+        flat.update({k: np.asarray(v) for k, v in encode_topk(self.topk).items()})
         return flat
 
     @classmethod
@@ -63,6 +83,7 @@ class FeatureArrays:
                 ft, key = flat_key[len("vec::"):].rsplit("::", 1)
                 out.vectors.setdefault(ft, {})[key] = value
         out.histograms = decode_histograms(arrays)
+        out.topk = decode_topk(arrays)
         return out
 
     def _write(self, fh: Any) -> None:

@@ -54,7 +54,8 @@ The bundled profiles are the top-level ``thresholds/`` folder of the repository,
 installed as ``pytest_sae_transfer/profiles`` (see pyproject.toml).
 
 Modules: ``vocabulary`` (scopes, metrics and their families, bound keys, the data
-model) · ``sources`` (finding bundled and user files) · ``parse`` (TOML into a
+model) · ``sources`` (finding bundled and user files) · ``watchlist`` (the ``[features]``
+table: watched features, their bounds and checks) · ``parse`` (TOML into a
 :class:`Profile`, with ``extends``) · ``evaluate`` (checks on a report) ·
 ``explain`` (a verdict in words, grouped by what broke).
 May import: ``errors``, ``metrics.keys``, ``report``.

@@ -25,6 +25,7 @@ from .vocabulary import (
     Profile,
     ProfileError,
 )
+from .watchlist import ParsedFeatures, merge_watchlists, parse_features_table
 
 
 def is_number(value: Any) -> bool:
@@ -50,6 +51,7 @@ class _Parsed:
     settings: dict[str, Any]
     checks: list[CheckSpec]
     disabled: set[str]
+    features: ParsedFeatures | None = None
 
 
 def _parse_settings(table: Mapping[str, Any], src: Source) -> tuple[Any, str | None, dict[str, Any]]:
@@ -180,8 +182,12 @@ def _parse(raw: Mapping[str, Any], src: Source) -> _Parsed:
     settings: dict[str, Any] = {}
     checks: list[CheckSpec] = []
     disabled: set[str] = set()
+    features: ParsedFeatures | None = None
     all_metrics = set(MODEL_METRIC_KEYS) | set(CHECKABLE_PAIRED_KEYS)
     for top, value in raw.items():
+        if top == "features":
+            features = parse_features_table(value, src)
+            continue
         if top == "profile":
             if not isinstance(value, dict):
                 raise ProfileError(f"{src.display}: key 'profile' must be a table [profile], got {type_name(value)}")
@@ -197,11 +203,11 @@ def _parse(raw: Mapping[str, Any], src: Source) -> _Parsed:
                 if isinstance(value, dict):
                     first = next((k for k, v in value.items() if isinstance(v, dict)), None)
                 table = f"{top}.{first}" if first is not None else top
-                match = difflib.get_close_matches(top, SCOPES + ("profile",), n=1, cutoff=0.6)
+                match = difflib.get_close_matches(top, SCOPES + ("profile", "features"), n=1, cutoff=0.6)
                 if match and first is not None and match[0] in SCOPES:
                     hint = f"did you mean '{match[0]}' ([{match[0]}.{first}])?"
                 else:
-                    hint = suggest(top, SCOPES + ("profile",))
+                    hint = suggest(top, SCOPES + ("profile", "features"))
             raise ProfileError(f"{src.display}: [{table}]: unknown scope '{top}'; {hint}")
         if not isinstance(value, dict):
             raise ProfileError(
@@ -213,7 +219,7 @@ def _parse(raw: Mapping[str, Any], src: Source) -> _Parsed:
                 checks.append(spec)
             else:
                 disabled.add(f"{top}.{metric}")
-    return _Parsed(extends, description, settings, checks, disabled)
+    return _Parsed(extends, description, settings, checks, disabled, features)
 
 
 def _load(src: Source, chain: tuple[Source, ...]) -> Profile:
@@ -246,6 +252,7 @@ def _load(src: Source, chain: tuple[Source, ...]) -> Profile:
         checks=tuple(merged),
         settings=types.MappingProxyType(settings),
         extends=parent.name if parent is not None else None,
+        features=merge_watchlists(parent.features if parent is not None else None, parsed.features),
     )
 
 

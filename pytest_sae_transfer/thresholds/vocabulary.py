@@ -181,6 +181,7 @@ class Profile:
     checks: tuple[CheckSpec, ...]
     settings: Mapping[str, Any]
     extends: str | None = None  # the direct parent's name, if any
+    features: Any = None  # the [features] watchlist (a watchlist.Watchlist), or None
 
     def check(self, key: str) -> CheckSpec | None:
         """The check for ``"scope.metric"``, or None."""
