@@ -184,7 +184,7 @@ def assert_feature_transfers(
     than ``min_firings`` times, fails rather than passing unjudged). The message shows what
     was obtained, the bounds, and the feature's top contexts on both models where recorded."""
     __tracebackhide__ = True
-    from .thresholds.watchlist import evaluate_feature, evaluated_tokens
+    from .thresholds.watch_checks import evaluate_feature, evaluated_tokens
 
     try:
         view = result.feature(feature_id)

@@ -51,6 +51,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("batch_size", "--sae-batch-size", "sae_batch_size", "contexts per forward batch (default 8)", kind="int", default=8, metavar="N"),
     OptionSpec("device", "--sae-device", "sae_device", "auto, cpu, cuda or cuda:N (default auto: CUDA when present)", default="auto", metavar="DEVICE"),
     OptionSpec("dtype", "--sae-dtype", "sae_dtype", "auto, float32, bfloat16 or float16 (default auto: bfloat16 on CUDA, float32 on CPU)", default="auto", metavar="DTYPE"),
+    OptionSpec("features", "--sae-features", "sae_features", "feature ids to watch, comma-separated (e.g. 12,40,311): each gets gate checks with the profile's default feature bounds and a card in the report", kind="list", metavar="IDS"),
     OptionSpec("thresholds", "--sae-thresholds", "sae_thresholds", "threshold profile: a bundled name (default, toy-res, ...) or a TOML file (default: the release's own profile, else 'default')", metavar="PROFILE"),
     OptionSpec("report", "--sae-report", "sae_report", "write the JSON report (and its .features.npz sidecar) to this path", metavar="PATH"),
     OptionSpec("report_dir", "--sae-report-dir", "sae_report_dir", "write plots (PNG), an HTML page and a markdown summary into this directory", metavar="DIR"),
@@ -84,6 +85,7 @@ class RunConfig:
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
+    features: tuple[str, ...] = ()  # watched feature ids, as given (parsed with the profile)
     thresholds: str | None = None
     report: str | None = None
     report_dir: str | None = None

@@ -9,6 +9,7 @@ when the run gates several (``-k blocks.2`` then selects an SAE).
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from typing import Any
 
@@ -48,7 +49,7 @@ class GateCollector(pytest.Collector):
         several = len(self.sae_keys) > 1
         for sae_key in self.sae_keys:
             for check_id, metric, severity in self.planned:
-                name = f"{sae_key}::{check_id}" if several else check_id
+                name = f"{sae_key}::{_item_name(check_id)}" if several else _item_name(check_id)
                 items.append(GateItem.from_parent(self, name=name, nodeid=f"{self.nodeid}::{name}{group}", finetune=self.finetune,
                                                   sae_key=sae_key, check_id=check_id, metric=metric, severity=severity))
         return items
@@ -87,6 +88,17 @@ class GateItem(pytest.Item):
     def reportinfo(self) -> tuple[Any, int | None, str]:
         # Not a suffix of the nodeid: pytest would rewrite its dots as "::" for display.
         return self.path, None, f"sae-transfer check {self.check_id} of {self.finetune} with {self.sae_key}"
+
+
+_WATCHED = re.compile(r"^feature\[(?P<which>[^\]]*)\]\.(?P<rest>.*)$")
+
+
+def _item_name(check_id: str) -> str:
+    """A check id as a pytest item name. pytest reads ``[...]`` in a node id as its
+    parameters, so a watched feature's ``feature[311 'def'].stays_alive`` becomes
+    ``feature.stays_alive[311 'def']``: a parametrized-looking item, shown intact."""
+    match = _WATCHED.match(check_id)
+    return f"feature.{match['rest']}[{match['which']}]" if match else check_id
 
 
 def _find_check(report: TransferReport, finetune: str, check_id: str) -> CheckResult:

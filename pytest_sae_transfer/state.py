@@ -25,6 +25,7 @@ from .config import RunConfig
 from .loading import plan_sae_keys
 from .report import FeatureArrays, RunReport, TransferReport
 from .thresholds import Profile, load_profile, profile_for_release
+from .thresholds.watchlist import add_watch_ids, parse_feature_ids
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ class PluginState:
         self.run_id: str | None = workerinput.get("testrunuid") if workerinput else (uuid.uuid4().hex if run_config and run_config.no_cache else None)
         self.configs: list[RunConfig] = []
         self.sessions: dict[int, Any] = {}
-        self._profiles: dict[str, Profile] = {}
+        self._profiles: dict[tuple[str, tuple[str, ...]], Profile] = {}
         self.gate_reports: dict[str, RunReport] = {}
         self.final_report: RunReport | None = None
         self._sae_keys: list[str] | None = None
@@ -80,9 +81,15 @@ class PluginState:
     def profile_for(self, config: RunConfig) -> Profile:
         """The threshold profile of a configuration: the one named, else its release's, else the default."""
         name = config.thresholds or profile_for_release(config.sae_release)
-        if name not in self._profiles:
-            self._profiles[name] = load_profile(name)
-        return self._profiles[name]
+        key = (name, config.features)
+        if key not in self._profiles:
+            profile = load_profile(name)
+            if config.features:
+                # Watched from the command line: added to the profile's watchlist, with its defaults.
+                ids = [i for text in config.features for i in parse_feature_ids(text)]
+                profile = dataclasses.replace(profile, features=add_watch_ids(profile.features, ids))
+            self._profiles[key] = profile
+        return self._profiles[key]
 
     def config_index(self, config: RunConfig) -> int:
         for i, known in enumerate(self.configs):
@@ -184,7 +191,8 @@ class PluginState:
         from .render import terminal_summary
 
         terminalreporter.write_sep("=", "sae-transfer summary")
-        terminalreporter.write_line(terminal_summary(self.final_report, width=terminalreporter._tw.fullwidth))
+        verbose = self.pytest_config.get_verbosity() > 0
+        terminalreporter.write_line(terminal_summary(self.final_report, width=terminalreporter._tw.fullwidth, verbose=verbose))
         for path in self.written:
             terminalreporter.write_line(f"sae-transfer wrote {path}")
         if self.write_error:

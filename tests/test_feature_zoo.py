@@ -14,7 +14,7 @@ from feature_zoo import SPECIAL, run_features, zoo_tokens
 from pytest_sae_transfer import zoo
 from pytest_sae_transfer.metrics.topk import TopKAccumulator
 from pytest_sae_transfer.thresholds import load_profile
-from pytest_sae_transfer.thresholds.watchlist import evaluate_watchlist, evaluated_tokens, planned_watch_checks
+from pytest_sae_transfer.thresholds.watch_checks import evaluate_watchlist, evaluated_tokens, planned_watch_checks
 
 N_CONTEXTS = 32
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -16,7 +15,6 @@ from hypothesis import strategies as st
 from pytest_sae_transfer.metrics.keys import CHECKABLE_PAIRED_KEYS
 from pytest_sae_transfer.report import (
     MODEL_METRIC_KEYS,
-    PAIRED_METRIC_KEYS,
     CheckResult,
     FinetuneResult,
     ModelResult,

@@ -12,16 +12,14 @@ from hypothesis import strategies as st
 
 from pytest_sae_transfer.errors import InputError
 from pytest_sae_transfer.thresholds import ProfileError, load_profile
+from pytest_sae_transfer.thresholds.watch_checks import evaluate_watchlist, feature_name, planned_watch_checks
 from pytest_sae_transfer.thresholds.watchlist import (
     WATCH_BOUNDS,
     WatchedFeature,
     Watchlist,
     add_watch_ids,
     check_ids_in_range,
-    evaluate_watchlist,
-    feature_name,
     parse_feature_ids,
-    planned_watch_checks,
 )
 
 PROPS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

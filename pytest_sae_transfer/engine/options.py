@@ -10,7 +10,7 @@ import torch
 from ..errors import InputError
 from ..report import ModelResult, TransferReport
 
-ENGINE_VERSION = "2"  # 2: paired delta/ratio intervals, feature transfer and dense shift
+ENGINE_VERSION = "3"  # 2: paired delta/ratio intervals, transfer rate, dense shift; 3: top-k tables, feature section
 
 
 class EngineError(InputError, ValueError):
@@ -34,6 +34,11 @@ class EngineOptions:
     # For pairs that do not fit on the device together.
     sequential: bool = False
     spill_dir: str | None = None
+    # Feature-level answers: each feature's top_k activating tokens per model, the n_worst
+    # features of each ranking, and watched (id, label) pairs that always get a card.
+    top_k: int = 10
+    n_worst: int = 20
+    watched_features: tuple[tuple[int, str | None], ...] = ()
 
 
 @dataclasses.dataclass
@@ -47,6 +52,8 @@ class BaseState:
     outlier_norm: float | None
     #: The base's per-context tables (stats, sum_x), for the finetunes' paired intervals.
     context_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: The base's top-k activating tokens per feature (``metrics.topk.TopKTable``).
+    topk: Any = None
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ import torch
 
 from ..metrics.model import BatchStats, ModelAccumulator, ModelBatch
 from ..metrics.paired import PairBatchStats, PairedAccumulator
+from ..metrics.topk import Candidates, TopKAccumulator
 from .options import EngineError, EngineOptions
 from .runner import ModelRunner
 from .spill import BaseSpill, BaseView, activations_finite
@@ -41,6 +42,9 @@ class Accumulators:
     base: dict[str, ModelAccumulator]
     finetunes: dict[tuple[str, str], ModelAccumulator]
     pairs: dict[tuple[str, str], PairedAccumulator]
+    #: Top-k activating tokens per feature: the base's (with ``base``) and each (finetune, SAE)'s.
+    topk_base: dict[str, TopKAccumulator] = dataclasses.field(default_factory=dict)
+    topk: dict[tuple[str, str], TopKAccumulator] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -50,6 +54,7 @@ class _Pending:
     model: list[tuple[ModelAccumulator, BatchStats]] = dataclasses.field(default_factory=list)
     pairs: list[tuple[PairedAccumulator, PairBatchStats]] = dataclasses.field(default_factory=list)
     spills: list[tuple[BaseSpill, dict[str, torch.Tensor]]] = dataclasses.field(default_factory=list)
+    topk: list[tuple[TopKAccumulator, Candidates]] = dataclasses.field(default_factory=list)
 
 
 class Sweep:
@@ -101,6 +106,8 @@ class Sweep:
                 pair.commit(pst)
             for spill, packed in pending.spills:
                 spill.write(cursor, packed)
+            for top, cand in pending.topk:
+                top.merge(cand)
             cursor += toks_cpu.shape[0]
             if self.bar is not None:
                 self.bar.update(toks_cpu.numel() * ((1 if base_live else 0) + len(ft_runners)))
@@ -126,14 +133,17 @@ class Sweep:
                 base_acc = self.acc.base.get(slot.key)
                 if base_acc is not None:
                     base_spliced.append((slot, b, self._measure(pending, base_acc, b)))
+                    self._top(pending, self.acc.topk_base.get(slot.key), b.feats, included & view.finite, cursor)
                 if spills is not None:
                     pending.spills.append((spills[slot.key], BaseSpill.pack(view)))
             else:
                 assert spills is not None
                 view = spills[slot.key].read(cursor, toks_cpu.shape[0], device)
             for name, runner in ft_runners:
-                fb = self._model_batch(slot, ft_xs[name][slot.layer], included.to(runner.device))
+                ft_included = included.to(runner.device)
+                fb = self._model_batch(slot, ft_xs[name][slot.layer], ft_included)
                 ft_spliced[name].append((slot, fb, self._measure(pending, self.acc.finetunes[(name, slot.key)], fb)))
+                self._top(pending, self.acc.topk.get((name, slot.key)), fb.feats, ft_included & activations_finite(fb), cursor)
                 dev = view.x.device
                 mask = view.included & view.finite & activations_finite(fb).to(dev)
                 pair = self.acc.pairs[(name, slot.key)]
@@ -157,6 +167,11 @@ class Sweep:
         splice = (included & ~outlier).unsqueeze(-1)
         batch.x_spliced = torch.where(splice, x_hat.to(x.dtype), x)
         return batch
+
+    @staticmethod
+    def _top(pending: _Pending, top: TopKAccumulator | None, feats: torch.Tensor, mask: torch.Tensor, cursor: int) -> None:
+        if top is not None:
+            pending.topk.append((top, top.candidates(feats, mask, cursor)))
 
     @staticmethod
     def _measure(pending: _Pending, acc: ModelAccumulator, batch: ModelBatch) -> BatchStats:

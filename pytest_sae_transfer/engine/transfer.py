@@ -20,9 +20,10 @@ import torch
 from ..loading.tokens import special_token_ids
 from ..metrics.model import ModelAccumulator
 from ..metrics.paired import PairedAccumulator
-from ..metrics.weights import folded_unembed, weight_metrics
+from ..metrics.topk import TopKAccumulator
 from ..report import TransferReport
 from . import assemble
+from .assemble import Assembler
 from .options import BaseState, EngineError, EngineOptions, EngineOutput, EngineRun
 from .runner import ModelRunner, hook_layer
 from .spill import BaseSpill, blocks_to_cpu
@@ -99,34 +100,27 @@ def run_transfer_many(
         base={s.key: ModelAccumulator(s.sae.cfg.d_in, s.sae.cfg.d_sae) for s in slots if s.key not in cached},
         finetunes={(n, s.key): ModelAccumulator(s.sae.cfg.d_in, s.sae.cfg.d_sae) for n in names for s in slots},
         pairs={(n, s.key): PairedAccumulator(s.sae.cfg.d_sae, tokens.shape[1]) for n in names for s in slots},
+        topk_base={s.key: TopKAccumulator(s.sae.cfg.d_sae, options.top_k) for s in slots if s.key not in cached},
+        topk={(n, s.key): TopKAccumulator(s.sae.cfg.d_sae, options.top_k) for n in names for s in slots},
     )
     n_models = 1 + len(names)
     bar = progress_bar(tokens.numel() * n_models, options, f"sae-transfer ({n_models} models, {len(slots)} SAE{'s' if len(slots) != 1 else ''})")
     sweep = Sweep(slots, tokens, special, options, base_runner, acc, bar, on_batch)
+    assembler = Assembler(slots, base, base_name, acc, cached, options, tokens, special.tolist())
     started = time.perf_counter()
     try:
-        weights = _passes(sweep, base, ft_items, slots, options, tokens)
+        _passes(sweep, assembler, base, ft_items, options, tokens)
     finally:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - started
-    run_config = {
-        **(config or {}),
-        **assemble.engine_config(tokens, options, sweep, base_runner, special, elapsed, n_models),
-    }
-    outputs = {
-        slot.key: assemble.sae_output(slot, base_name, names, cached.get(slot.key), acc, weights, options, run_config, tokens.shape[0])
-        for slot in slots
-    }
-    return EngineRun(outputs=outputs, oom_splits=sweep.oom_splits)
+    run_config = {**(config or {}), **assemble.engine_config(tokens, options, sweep, base_runner, special, elapsed, n_models)}
+    return EngineRun(outputs={slot.key: assembler.output(slot, run_config) for slot in slots}, oom_splits=sweep.oom_splits)
 
 
-def _passes(sweep: Sweep, base: Any, ft_items: list[tuple[str, Any]], slots: list[SAESlot], options: EngineOptions,
-            tokens: torch.Tensor) -> dict[str, dict[str, dict[str, Any]]]:
-    """Run the sweep(s); returns the weight metrics per finetune and SAE key."""
-    W_U_base = folded_unembed(base).detach()
-    W_decs = {s.key: s.sae.W_dec.detach() for s in slots}
-    weights: dict[str, dict[str, dict[str, Any]]] = {}
+def _passes(sweep: Sweep, assembler: Assembler, base: Any, ft_items: list[tuple[str, Any]], options: EngineOptions,
+            tokens: torch.Tensor) -> None:
+    """Run the sweep(s), finishing each finetune right after its sweep (while it is loaded)."""
 
     def runner(model: Any) -> ModelRunner:
         return ModelRunner(model, options.logits_chunk_elems, options.fuse_continuations)
@@ -134,22 +128,23 @@ def _passes(sweep: Sweep, base: Any, ft_items: list[tuple[str, Any]], slots: lis
     if not options.sequential:
         runners = [(name, runner(m)) for name, m in ft_items]
         sweep.run(True, runners, None)
+        assembler.finish_base()
         for name, r in runners:
-            weights[name] = weight_metrics(base, r.model, W_decs, W_U_base)
-        return weights
+            assembler.finish_finetune(name, r.model)
+        return
     with tempfile.TemporaryDirectory(prefix="sae-transfer-spill-", dir=options.spill_dir) as spill_dir:
-        spills = {s.key: BaseSpill(f"{spill_dir}/sae-{i}") for i, s in enumerate(slots)}
+        spills = {s.key: BaseSpill(f"{spill_dir}/sae-{i}") for i, s in enumerate(sweep.slots)}
         sweep.run(True, [], spills)
-        base_blocks = blocks_to_cpu(base)
+        assembler.finish_base()
+        assembler.base_blocks = blocks_to_cpu(base)
         for name, m in ft_items:
             model = _materialise(m)
             _validate_model(name, model, base, int(tokens.max()))
             sweep.run(False, [(name, runner(model))], spills)
-            weights[name] = weight_metrics(base_blocks, model, W_decs, W_U_base)
+            assembler.finish_finetune(name, model)
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    return weights
 
 
 def _outlier_norms(
@@ -193,6 +188,9 @@ def _validate(base: Any, finetunes: Sequence[tuple[str, Any]], saes: Mapping[str
                 f"(SAE {key!r}); "
                 "use an SAE trained on this model (its d_in must equal the model's d_model), or pass the base model the SAE was trained on (--base-model)"
             )
+        bad = sorted(i for i, _ in options.watched_features if not 0 <= i < sae.cfg.d_sae)
+        if bad:
+            raise EngineError(f"watched feature ids {bad} are outside SAE {key!r}'s {sae.cfg.d_sae} features")
     if tokens.shape[1] > base.cfg.n_ctx:
         raise EngineError(f"context size {tokens.shape[1]} exceeds the base model's n_ctx {base.cfg.n_ctx}")
     max_id = int(tokens.max())

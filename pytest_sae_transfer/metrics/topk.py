@@ -90,6 +90,18 @@ class TopKTable:
         return cls(values=values, contexts=contexts, positions=positions)
 
 
+@dataclasses.dataclass
+class Candidates:
+    """One batch's entries that can enter a :class:`TopKAccumulator`'s table: feature ids,
+    values and global token indices (context x T + position), plus the batch's extent."""
+
+    cols: torch.Tensor
+    values: torch.Tensor
+    gidx: torch.Tensor
+    context_size: int
+    end: int  # one past the batch's last global token index
+
+
 class TopKAccumulator:
     """Streams [B, T, d_sae] feature batches and keeps each feature's k strongest tokens."""
 
@@ -125,6 +137,12 @@ class TopKAccumulator:
     def update(self, feats: torch.Tensor, included: torch.Tensor, context_offset: int) -> None:
         """Add one batch: ``feats`` [B, T, d_sae] (any float dtype, any device), ``included``
         bool [B, T], and the index of the batch's first context in the run's token tensor."""
+        self.merge(self.candidates(feats, included, context_offset))
+
+    @torch.no_grad()
+    def candidates(self, feats: torch.Tensor, included: torch.Tensor, context_offset: int) -> Candidates:
+        """The entries of one batch that can enter the table, without changing it (the engine
+        keeps nothing of a batch until all of it has been computed, then :meth:`merge`\s)."""
         if feats.ndim != 3 or feats.shape[2] != self.d_sae:
             raise ValueError(f"feats must be [B, T, {self.d_sae}]; got {tuple(feats.shape)}")
         B, T, D = feats.shape
@@ -132,34 +150,38 @@ class TopKAccumulator:
             raise ValueError(f"included must be [B, T] = [{B}, {T}]; got {tuple(included.shape)}")
         if context_offset < 0:
             raise ValueError(f"context_offset must be >= 0; got {context_offset}")
-        if self.context_size is None:
-            self.context_size = T
-        elif T != self.context_size:
+        if self.context_size is not None and T != self.context_size:
             raise ValueError(f"context size changed from {self.context_size} to {T} between batches")
-        if B == 0:
-            return
         device = feats.device
         if self._values.device != device:
             self._values = self._values.to(device)
             self._gidx = self._gidx.to(device)
-
         first = context_offset * T
         in_order = first >= self._next_gidx
-        self._next_gidx = max(self._next_gidx, (context_offset + B) * T)
-
         flat = feats.reshape(B * T, D)
         # Only an entry above a full row's k-th value can enter it (ties go to the earlier
         # token, which is already in the row when batches arrive in order). A row that is
         # not full has k-th value 0, so this also keeps positive values only.
         kth = self._values[:, -1].to(flat.dtype)
-        rows, cols = self._candidates(flat, kth, strict=in_order)
+        rows, cols = self._candidates(flat, kth, strict=in_order) if B else (flat.new_zeros(0, dtype=torch.int64),) * 2
         inc = included.reshape(B * T).to(device=device, dtype=torch.bool)
         keep = inc[rows]
         rows, cols = rows[keep], cols[keep]
-        if rows.numel() == 0:
+        return Candidates(cols=cols.to(torch.int64), values=flat[rows, cols].to(torch.float32),
+                          gidx=rows.to(torch.int64) + first, context_size=T, end=(context_offset + B) * T)
+
+    @torch.no_grad()
+    def merge(self, c: Candidates) -> None:
+        """Merge one batch's candidates into the table."""
+        if self.context_size is None:
+            self.context_size = c.context_size
+        in_order = c.gidx.numel() == 0 or int(c.gidx.min()) >= self._next_gidx
+        self._next_gidx = max(self._next_gidx, c.end)
+        if c.cols.numel() == 0:
             return
-        new_vals = flat[rows, cols].to(torch.float32)
-        new_gidx = rows.to(torch.int64) + first
+        device = self._values.device
+        cols, new_vals, new_gidx = c.cols.to(device), c.values.to(device), c.gidx.to(device)
+        D = self.d_sae
 
         # The current entries of the features this batch touches take part in the merge.
         touched = torch.zeros(D, dtype=torch.bool, device=device)
@@ -170,7 +192,7 @@ class TopKAccumulator:
         filled = old_gidx >= 0
         old_feat = t_ids.unsqueeze(1).expand_as(old_gidx)[filled]
 
-        feat = torch.cat([old_feat, cols.to(torch.int64)])
+        feat = torch.cat([old_feat, cols])
         vals = torch.cat([old_vals[filled], new_vals])
         gidx = torch.cat([old_gidx[filled], new_gidx])
         if not in_order:

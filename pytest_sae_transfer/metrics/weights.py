@@ -76,7 +76,8 @@ def weight_deviation(base_blocks: list[dict[str, torch.Tensor]], finetune: Any) 
     return out
 
 
-def weight_metrics(base: Any, finetune: Any, W_decs: dict[str, torch.Tensor], W_U_base: torch.Tensor) -> dict[str, dict[str, Any]]:
+def weight_metrics(base: Any, finetune: Any, W_decs: dict[str, torch.Tensor], W_U_base: torch.Tensor,
+                   W_U_ft: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
     """Weight-only paired metrics, per SAE key (logit similarity depends on the SAE's decoder;
     the rest is computed once). ``base`` is the base model or its blocks' parameters."""
     notes: list[str] = []
@@ -87,7 +88,8 @@ def weight_metrics(base: Any, finetune: Any, W_decs: dict[str, torch.Tensor], W_
         notes.append(
             f"vocabulary sizes differ (base {V_base}, finetune {V_ft}); weight-based metrics use the shared first {n_vocab} tokens"
         )
-    W_U_ft = folded_unembed(finetune)
+    if W_U_ft is None:
+        W_U_ft = folded_unembed(finetune)
     base_blocks = base if isinstance(base, list) else [dict(b.named_parameters()) for b in base.blocks]
     shared = {
         "unembed_frobenius_ratio": frobenius_ratio(W_U_ft[:, :n_vocab], W_U_base[:, :n_vocab].to(W_U_ft.device)),

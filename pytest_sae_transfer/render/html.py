@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..report import FinetuneResult, RunReport, TransferReport
+from ..thresholds.explain import explain_finetune
+from .cards import CARDS_CSS, feature_cards_html
 from .family import as_run, family_rows
 from .plots import PLOT_CAPTIONS
 from .text import (
@@ -197,6 +199,9 @@ def _finetune_section(report: TransferReport, ft: FinetuneResult, anchor: str, r
     fstatus, fdetail = finetune_verdict(ft)
     body = [f'<section class="finetune" id="{_e(anchor)}">']
     body.append(f"<h3>{_badge(fstatus)} {_e(ft.model)} <small>({_e(fdetail)})</small></h3>")
+    why = explain_finetune(report, ft)
+    body.append('<div class="why">' + "".join(f"<p>{_e(line)}</p>" for line in why.lines)
+                + "".join(f'<p class="warn">warning: {_e(w)}</p>' for w in (*why.sae_warnings, *why.prior_warnings)) + "</div>")
     if ft.notes:
         body.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in ft.notes) + "</ul>")
     body.append('<div class="tables">')
@@ -224,6 +229,9 @@ def _finetune_section(report: TransferReport, ft: FinetuneResult, anchor: str, r
             figs.append(_figure_html(name, remaining.pop(name), caption))
     if figs:
         body.append('<h4>Plots</h4><div class="plots">' + "".join(figs) + "</div>")
+    if ft.features:
+        body.append("<h4>Features: which broke, with their text</h4>" + feature_cards_html(
+            ft.features, base_name=report.base.model, finetune_name=ft.model, checks=ft.checks, anchor_prefix=anchor))
     body.append("</section>")
     return body
 
@@ -255,7 +263,7 @@ def _page(title: str, body: list[str]) -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<title>{_e(title)}</title>\n<style>{_CSS}{CARDS_CSS}</style>\n</head>\n<body>\n"
         + "\n".join(body)
         + "\n</body>\n</html>\n"
     )

@@ -9,6 +9,8 @@ from typing import Any, Mapping, Sequence
 from pathlib import Path
 
 from ..report import FinetuneResult, RunReport, TransferReport
+from ..thresholds.explain import explain_finetune
+from .cards import features_markdown
 from .family import as_run, family_rows
 from .text import (
     all_notes,
@@ -133,6 +135,8 @@ def _sae_markdown(report: TransferReport, level: str, with_config: bool = True) 
 def _finetune_markdown(report: TransferReport, ft: FinetuneResult, level: str) -> list[str]:
     fstatus, fdetail = finetune_verdict(ft)
     out = [f"{level} {_MD_ICON.get(fstatus, '')} {_md(ft.model)}: {fstatus} ({_md(fdetail)})", ""]
+    why = explain_finetune(report, ft)
+    out += [_md(line) for line in why.lines] + [f"- warning: {_md(w)}" for w in (*why.sae_warnings, *why.prior_warnings)] + [""]
     for n in ft.notes:
         out.append(f"> {_md(n)}")
     if ft.notes:
@@ -167,6 +171,8 @@ def _finetune_markdown(report: TransferReport, ft: FinetuneResult, level: str) -
               c.severity, _md(c.message)] for c in sorted_checks(ft.checks)],
         )
         out.append("")
+    if ft.features:
+        out += [features_markdown(ft.features, ft.model), ""]
     return out
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import textwrap
 from typing import Mapping, Sequence
 
-from ..report import RunReport, TransferReport
+from ..report import FinetuneResult, RunReport, TransferReport
+from ..thresholds.explain import explain_finetune
 from .family import as_run, family_rows
 from .text import (
     all_notes,
@@ -64,18 +65,76 @@ def _wrap(text: str, width: int, indent: str, subsequent: str) -> list[str]:
                          break_long_words=True, break_on_hyphens=False) or [indent]
 
 
-def terminal_summary(report: RunReport | TransferReport, width: int = 100, *, ascii_only: bool = False) -> str:
-    """The run's summary for the terminal: one SAE in detail, or a table per finetune with a row per SAE.
+def terminal_summary(report: RunReport | TransferReport, width: int = 100, *, ascii_only: bool = False,
+                     verbose: bool = False) -> str:
+    """The run's summary for the terminal, to fit on a screen: per finetune the verdict with its
+    reason, the failing checks one line each, a count of the passing ones and where the results
+    came from; with several SAEs, a table per finetune with a row per SAE. ``verbose`` (pytest
+    ``-v``) shows every metric and check of every SAE.
 
     ``ascii_only`` replaces ✓/✗/—/→ and friends for terminals that cannot print them.
     """
     run = as_run(report)
     width = max(int(width), 40)
-    lines = _sae_summary(run.saes[0], width) if len(run.saes) == 1 else _family_summary(run, width)
+    if verbose:
+        lines = [line for r in run.saes for line in _sae_summary(r, width) + [""]]
+    elif len(run.saes) == 1:
+        lines = _sae_compact(run.saes[0], width)
+    else:
+        lines = _family_summary(run, width)
     text = "\n".join(lines) + "\n"
     if ascii_only:
         text = text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
     return text
+
+
+def _sae_compact(report: TransferReport, width: int) -> list[str]:
+    """One SAE: the run's facts, then per finetune its verdict, reason, failures and warnings."""
+    lines = _wrap(report_title(report), width, "", "    ")
+    lines += _wrap(" · ".join(f"{k}: {v}" for k, v in run_facts(report)), width, "  ", "  ")
+    for note in all_notes(report):
+        lines += _wrap(note, width, "  note: ", "        ")
+    for ft in report.finetunes:
+        lines.append("")
+        lines += _finetune_compact(report, ft, width)
+    status, detail = overall_verdict(report)
+    lines.append("")
+    lines.append(f"overall: {status} ({detail})")
+    return lines
+
+
+def _finetune_compact(report: TransferReport, ft: FinetuneResult, width: int) -> list[str]:
+    status, _ = finetune_verdict(ft)
+    head = f"── {ft.model}: {status} "
+    lines = [head + "─" * max(3, width - len(head))]
+    why = explain_finetune(report, ft)
+    lines += [f"  {line}" for line in why.lines]
+    failed = [c for c in ft.checks if not c.passed and c.severity == "fail"]
+    # One line per failing check, never wrapped mid-expression (the terminal folds long ones).
+    lines += [f"  {check_symbol(c)} {c.id}: {c.message or check_expr(c)}" for c in failed]
+    warnings = [*why.sae_warnings, *why.prior_warnings]
+    lines += [f"  ! warning: {w}" for w in warnings]
+    for note in ft.notes:
+        lines += _wrap(note, width, "  note: ", "        ")
+    n_pass = sum(1 for c in ft.checks if c.passed)
+    where = _provenance(report, ft.model)
+    lines.append(f"  {n_pass} of {len(ft.checks)} checks passed{where} (pytest -v shows every metric and check)")
+    return lines
+
+
+def _provenance(report: TransferReport, finetune: str) -> str:
+    """Where this finetune's and the base's numbers came from: "; from the cache" and the like."""
+    prov = report.config.get("provenance")
+    if not isinstance(prov, Mapping):
+        return ""
+    used = {prov.get("base"), prov.get(finetune)} - {None}
+    if used == {"cache"}:
+        return "; results from the cache"
+    if used == {"computed"}:
+        return "; results computed in this run"
+    if used:
+        return f"; base {prov.get('base')}, finetune {prov.get(finetune)}"
+    return ""
 
 
 def _family_summary(run: RunReport, width: int) -> list[str]:
@@ -93,6 +152,10 @@ def _family_summary(run: RunReport, width: int) -> list[str]:
             table.append([r.sae, r.verdict, fmt_num(r.ce_delta_increase), fmt_num(r.ev_drop), fmt_num(r.activation_similarity),
                           fmt_num(r.resid_cosine), str(r.n_failed) if r.verdict == "FAIL" else ""])
         lines += _table(table, "llrrrrr")
+        for r in rows:
+            if r.verdict == "FAIL":
+                sae_report = run.sae(r.sae)
+                lines.append(f"  {r.sae}: {explain_finetune(sae_report, sae_report.finetune(ft)).lines[0]}")
         n_fail = sum(1 for r in rows if r.verdict == "FAIL")
         verdict = "FAIL" if n_fail else "PASS"
         lines.append(f"{ft}: {verdict} ({n_fail} of {len(rows)} SAEs failed)" if n_fail else f"{ft}: PASS (all {len(rows)} SAEs passed)")
@@ -101,7 +164,7 @@ def _family_summary(run: RunReport, width: int) -> list[str]:
     lines.append("═" * min(width, 60))
     overall = "FAIL" if run.passed is False else ("PASS" if run.passed else "NO CHECKS")
     lines.append(f"overall: {overall} ({n_bad} of {sum(len(r.finetunes) for r in run.saes)} (finetune, SAE) pairs failed)")
-    lines.append("  the full per-SAE detail is in the HTML and markdown reports (--sae-report-dir)")
+    lines.append("  the full per-SAE detail is in the HTML and markdown reports (--sae-report-dir), and with pytest -v")
     return lines
 
 

@@ -121,7 +121,9 @@ def check_value(c: CheckResult) -> str:
     if c.base_value is not None:
         out += f", base {fmt_num(c.base_value)}"
     if c.ci95 is not None:
-        out += f", ci95 {fmt_ci(list(c.ci95))}"
+        # A relative check holds the paired interval of the difference or ratio it checks.
+        label = "paired ci95" if c.op.startswith(("increase", "decrease", "ratio")) else "ci95"
+        out += f", {label} {fmt_ci(list(c.ci95))}"
     return out
 
 

@@ -83,6 +83,8 @@ class FinetuneResult(ModelResult):
     #: Paired bootstrap intervals of finetune − base and finetune / base, per metric key.
     delta_ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     ratio_ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    #: Feature-level answers (see ``report.feature_section``): the worst features with their text.
+    features: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool | None:
@@ -100,6 +102,7 @@ class FinetuneResult(ModelResult):
                     "paired_ci95": self.paired_ci95,
                     "delta_ci95": self.delta_ci95,
                     "ratio_ci95": self.ratio_ci95,
+                    "features": self.features,
                     "checks": [c.to_json() for c in self.checks],
                     "passed": self.passed,
                 }
@@ -119,5 +122,6 @@ class FinetuneResult(ModelResult):
             checks=[CheckResult.from_json(c) for c in data.get("checks", [])],
             delta_ci95={k: list(v) for k, v in (data.get("delta_ci95") or {}).items()},
             ratio_ci95={k: list(v) for k, v in (data.get("ratio_ci95") or {}).items()},
+            features=dict(data.get("features") or {}),
         )
 

@@ -20,6 +20,7 @@ from ..engine import ENGINE_VERSION, BaseState, EngineOptions, run_transfer_many
 from ..loading import LoadedModel, LoadedSAE, model_identity, quiet_third_party_warnings
 from ..report import FeatureArrays, PairResult, RunReport, TransferReport
 from ..thresholds import Profile, evaluate_checks
+from ..thresholds.watchlist import check_ids_in_range
 from .cache import MemoryOnlyCache, ResultCache, check_writable
 from .inputs import Inputs
 from .provenance import engine_summary, package_versions
@@ -93,6 +94,7 @@ class TransferSession:
             seed=self.config.seed,
             progress=True if self._progress_stream is not None else None,
             progress_file=self._progress_stream,
+            watched_features=tuple(self.profile.features.labels()) if self.profile.features is not None else (),
         )
 
     def _identity(self, name: str) -> str:
@@ -126,7 +128,9 @@ class TransferSession:
             cache: ResultCache | MemoryOnlyCache = MemoryOnlyCache()  # --sae-no-cache outside xdist
         else:
             cache = ResultCache(self.config.resolved_cache_dir())
-        return ResultStore(cache, parts, self.notes)
+        # A pair's feature section holds cards for its watched features: they decide it too.
+        pair_parts = {"features": {"top_k": opts.top_k, "n_worst": opts.n_worst, "watched": [list(w) for w in opts.watched_features]}}
+        return ResultStore(cache, parts, self.notes, pair_parts)
 
     def _load_base(self, key: str, store: ResultStore) -> bool:
         state = store.get_base()
@@ -155,6 +159,9 @@ class TransferSession:
             return
         for name in finetunes:
             self.inputs.check_model_exists(name)
+        if self.profile.features is not None:
+            for k in keys:  # a watched id beyond an SAE's width: a usage error before anything runs
+                check_ids_in_range(self.profile.features, self.inputs.sae_by_key(k).sae.cfg.d_sae, self.inputs.sae_by_key(k).key)
         stores = {k: self._store(self.inputs.sae_by_key(k)) for k in keys}
         first = next(iter(stores.values()))
         if isinstance(first.cache, ResultCache):
@@ -261,7 +268,7 @@ class TransferSession:
             ft_result.notes.extend(loaded.notes if loaded is not None else self._transient_notes.get(name, []))
             prefix = name + "/"  # names may contain "/" themselves (HF ids, paths)
             hists = {k[len(prefix):]: v for k, v in features.histograms.items() if k.startswith(prefix)}
-            self._pairs[(name, key)] = (ft_result, features.vectors.get(name, {}), hists)
+            self._pairs[(name, key)] = PairEntry(ft_result, features.vectors.get(name, {}), hists, features.topk.get(name))
             self.provenance.setdefault(key, {})[name] = "computed"
             store.put_pair(self._identity(name), self._pairs[(name, key)])
 
@@ -280,11 +287,15 @@ class TransferSession:
         for hist_key, hist in state.histograms.items():
             features.histograms[f"base/{hist_key}"] = hist
         results = []
+        if state.topk is not None:
+            features.topk["base"] = state.topk.to_arrays()
         for name in names:
-            result, vectors, hists = self._pairs[(name, key)]
-            results.append(dataclasses.replace(result, checks=[], notes=list(result.notes)))
-            features.vectors[name] = vectors
-            for hist_key, hist in hists.items():
+            entry = self._pairs[(name, key)]
+            results.append(dataclasses.replace(entry.result, checks=[], notes=list(entry.result.notes)))
+            features.vectors[name] = entry.vectors
+            if entry.topk:
+                features.topk[name] = entry.topk
+            for hist_key, hist in entry.histograms.items():
                 features.histograms[f"{name}/{hist_key}"] = hist
         report = TransferReport(config=self.report_config(key), base=state.result, finetunes=results, features=features)
         evaluate_checks(self.profile, report)

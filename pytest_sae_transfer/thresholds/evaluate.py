@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..report import CheckResult
 from .parse import type_name
+from .watch_checks import evaluate_watchlist, evaluated_tokens, planned_watch_checks
 from .vocabulary import BOUND_KEYS, DERIVED_RTOL, MISSING_MODES, CheckSpec, Profile, family_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -359,6 +360,9 @@ def evaluate_checks(profile: Profile, report: "TransferReport", missing: str = "
             delta_ci=getattr(ft, "delta_ci95", None) or _EMPTY,
             ratio_ci=getattr(ft, "ratio_ci95", None) or _EMPTY,
         )
+        if profile.features is not None and profile.features.features:
+            vectors = report.features.vectors.get(ft.model, {}) if report.features is not None else {}
+            ft.checks += evaluate_watchlist(profile.features, vectors, evaluated_tokens(base.metrics), evaluated_tokens(ft.metrics))
 
 
 def planned_checks(profile: Profile) -> list[tuple[str, str, str]]:
@@ -373,5 +377,5 @@ def planned_checks(profile: Profile) -> list[tuple[str, str, str]]:
     for spec in profile.checks:
         for bound_key, bound in spec.bounds:
             planned.append((_check_id(spec.key, BOUND_KEYS[bound_key], bound), spec.key, spec.severity))
-    return planned
+    return planned + planned_watch_checks(profile.features)
 

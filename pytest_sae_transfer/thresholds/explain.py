@@ -144,6 +144,8 @@ def _generic(c: "CheckResult") -> str:
 def failure_phrase(c: "CheckResult", base: str, first: bool = False) -> str:
     """A verb phrase for one failed check, subject "the SAE" (on the finetune)."""
     scope, key = _split(c.metric)
+    if c.metric.startswith("feature["):
+        return _watched_phrase(c)
     if c.value is None:
         return f"has no usable value for {c.metric}"
     v = float(c.value)
@@ -164,6 +166,19 @@ def failure_phrase(c: "CheckResult", base: str, first: bool = False) -> str:
     if phrase is None or scope == "base":
         return _generic(c)
     return phrase(v, "", base)
+
+
+def _watched_phrase(c: "CheckResult") -> str:
+    """A watched feature's failed check: the feature (and its label) and what broke."""
+    name = c.id.split("].", 1)[0] + "]" if "]." in c.id else c.metric.split(".", 1)[0]
+    quantity = c.metric.split("].", 1)[-1]
+    if c.value is None:
+        return f"cannot judge watched {name} ({quantity})"
+    if quantity == "density_finetune":
+        return f"lost watched {name} (it no longer fires)"
+    if quantity == "density_ratio":
+        return f"changes how often watched {name} fires ({_times(float(c.value))} its base density)"
+    return f"changes what watched {name} responds to ({quantity.replace('_', ' ')} {_num(float(c.value))})"
 
 
 def _join(parts: Sequence[str]) -> str:

@@ -72,7 +72,10 @@ METRIC_FAMILY: Mapping[str, str] = types.MappingProxyType(
 
 
 def family_of(metric: str) -> str:
-    """The family of ``"scope.metric"`` or of a bare metric key; ``"other"`` if unknown."""
+    """The family of ``"scope.metric"`` or of a bare metric key (a watched feature's checks,
+    ``"feature[311].activation_similarity"``, are "features"); ``"other"`` if unknown."""
+    if metric.startswith("feature["):
+        return "features"
     return METRIC_FAMILY.get(metric.split(".", 1)[-1], "other")
 
 

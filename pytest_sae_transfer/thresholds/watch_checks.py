@@ -1,0 +1,222 @@
+"""Watched features evaluated on one finetune: one :class:`~pytest_sae_transfer.report.CheckResult`
+per (feature, bound), ids like ``feature[311 'def keyword'].activation_similarity>=0.8``,
+and the same ids planned from the profile alone for the gate's items (see
+:mod:`.watchlist` for the table's format and the never-a-silent-pass rules)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+from ..report import CheckResult
+from .watchlist import DEFAULT_MIN_FIRINGS, WATCH_BOUNDS, Watchlist, _is_checked, check_ids_in_range
+
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "null"
+    if x == 0:
+        return "0"
+    return f"{x:.4g}"
+
+
+def _fmt_vs(value: float, bound: float) -> tuple[str, str]:
+    """Value and bound with enough digits that unequal numbers look unequal (0.79996 is not "0.8")."""
+    for prec in (4, 6, 9, 12, 17):
+        a, b = f"{value:.{prec}g}", f"{bound:.{prec}g}"
+        if a != b or value == bound:
+            return a, b
+    return repr(value), repr(bound)
+
+
+def _bound_text(value: float) -> str:
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def feature_name(feature_id: int, label: str | None) -> str:
+    """``feature[311 'def keyword']``, or ``feature[311]`` without a label."""
+    if label:
+        quoted = label.replace("\\", "\\\\").replace("'", "\\'")
+        return f"feature[{feature_id} '{quoted}']"
+    return f"feature[{feature_id}]"
+
+
+def _check_id(name: str, bound_key: str, bound: Any) -> str:
+    quantity, op = WATCH_BOUNDS[bound_key]
+    if op == "alive":
+        return f"{name}.{quantity}"
+    return f"{name}.{quantity}{op}{_bound_text(bound)}"
+
+
+def _metric(feature_id: int, bound_key: str) -> str:
+    """The CheckResult's metric: what its value is (stays_alive's value is the finetune density)."""
+    quantity = "density_finetune" if bound_key == "must_stay_alive" else WATCH_BOUNDS[bound_key][0]
+    return f"feature[{feature_id}].{quantity}"
+
+
+def planned_watch_checks(watch: Watchlist | None) -> list[tuple[str, str, str]]:
+    """(check id, metric, severity) of every watch check, from the profile alone (no values):
+    the same ids :func:`evaluate_watchlist` gives its results, so gate items can be collected
+    before any model loads."""
+    if watch is None:
+        return []
+    out = []
+    for f, bounds, severity in watch.resolved():
+        name = feature_name(f.id, f.label)
+        for key, value in bounds:
+            if _is_checked(key, value):
+                out.append((_check_id(name, key, value), _metric(f.id, key), severity))
+    return out
+
+
+def _value(vectors: Mapping[str, Any], key: str, feature_id: int) -> float | None:
+    arr = vectors.get(key)
+    if arr is None:
+        return None
+    try:
+        v = float(arr[feature_id])
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def evaluate_feature(
+    feature_id: int,
+    label: str | None,
+    bounds: Sequence[tuple[str, Any]],
+    vectors: Mapping[str, Any],
+    n_tokens_base: float | None,
+    n_tokens_finetune: float | None,
+    severity: str = "fail",
+    min_firings: int = DEFAULT_MIN_FIRINGS,
+) -> list[CheckResult]:
+    """One :class:`CheckResult` per bound of one feature, from the run's per-feature vectors.
+
+    ``vectors`` holds FEATURE_VECTOR_KEYS arrays (densities, similarities);
+    ``n_tokens_*`` are the models' numbers of evaluated tokens (for firing counts).
+    """
+    name = feature_name(feature_id, label)
+    dens_b = _value(vectors, "density_base", feature_id)
+    dens_f = _value(vectors, "density_finetune", feature_id)
+    density_txt = f"density base {_fmt(dens_b)}, finetune {_fmt(dens_f)}"
+
+    def firings(density: float | None, n: float | None) -> int | None:
+        if density is None or n is None or not math.isfinite(float(n)):
+            return None
+        return int(round(density * float(n)))
+
+    fired_b, fired_f = firings(dens_b, n_tokens_base), firings(dens_f, n_tokens_finetune)
+
+    def why_not_judged(kind: str, value: float | None) -> str | None:
+        """Why this feature's similarity cannot be judged, or None when it can."""
+        if dens_b is None or dens_f is None:
+            return "its densities are missing from the run (no per-feature vectors, or no evaluated tokens)"
+        if kind == "activation":
+            # A correlation over a handful of firings says nothing, whatever its value.
+            if dens_b == 0:
+                return "it is dead on the base: it never fired there"
+            if dens_f == 0:
+                return "it turned dead: it never fired on the finetune"
+            if fired_b is None or fired_f is None:
+                return "the run's token counts are missing, so its firings cannot be counted"
+            few = [(m, n) for m, n in (("base", fired_b), ("finetune", fired_f)) if n < min_firings]
+            if few:
+                said = " and ".join(f"{n} time{'' if n == 1 else 's'} on the {m}" for m, n in few)
+                return f"it fired only {said}, fewer than min_firings = {min_firings}"
+        if value is not None:
+            return None
+        for m, d in (("base", dens_b), ("finetune", dens_f)):
+            if d == 0:
+                return f"it is dead on the {m}, and the run records {kind} similarity for regular features only"
+            lg = math.log10(d + 1e-10)
+            if not -5.0 <= lg <= -1.0:
+                return (
+                    f"it is not a regular feature (log10 density {lg:.2f} on the {m} is outside [-5, -1]), "
+                    f"and the run records {kind} similarity for regular features only"
+                )
+        if kind == "activation":
+            return "its activation similarity is undefined (no variance on one model)"
+        return "the run recorded no logit similarity for it"
+
+    out: list[CheckResult] = []
+    for key, bound in bounds:
+        if not _is_checked(key, bound):
+            continue
+        quantity, op = WATCH_BOUNDS[key]
+        cid = _check_id(name, key, bound)
+        metric = _metric(feature_id, key)
+
+        def result(passed: bool, value: float | None, message: str, shown_bound: float, shown_op: str = op,
+                   cid: str = cid, metric: str = metric) -> CheckResult:
+            return CheckResult(id=cid, metric=metric, op=shown_op, bound=shown_bound, value=value,
+                               passed=passed, severity=severity, message=message)
+
+        if key == "must_stay_alive":
+            if dens_b is None or dens_f is None:
+                out.append(result(False, None, f"cannot judge whether {name} stays alive: its densities are missing "
+                                  "from the run", 0.0, ">"))
+            elif dens_b == 0:
+                out.append(result(False, dens_f, f"cannot judge whether {name} stays alive: it is dead on the base "
+                                  f"(it never fired there), so there is nothing to stay alive ({density_txt})", 0.0, ">"))
+            else:
+                ok = dens_f > 0
+                verdict = "stays alive" if ok else "turned dead: it never fired on the finetune"
+                out.append(result(ok, dens_f, f"{name} {verdict} ({density_txt})", 0.0, ">"))
+            continue
+        if quantity == "density_ratio":
+            if dens_b is None or dens_f is None or dens_b == 0:
+                why = "it is dead on the base, so the ratio is undefined" if dens_b == 0 else "its densities are missing from the run"
+                out.append(result(False, None, f"cannot judge {name} density ratio: {why} ({density_txt})", bound))
+                continue
+            ratio = dens_f / dens_b
+            ok = ratio <= bound if op == "<=" else ratio >= bound
+            rel = ("<=" if ok else ">") if op == "<=" else (">=" if ok else "<")
+            side = "max" if op == "<=" else "min"
+            v, b = _fmt_vs(ratio, bound)
+            out.append(result(ok, ratio, f"{name} density ratio finetune/base = {v} {rel} {side} {b} ({density_txt})", bound))
+            continue
+        kind = "activation" if quantity == "activation_similarity" else "logit"
+        value = _value(vectors, quantity, feature_id)
+        why = why_not_judged(kind, value)
+        if why is not None or value is None:
+            out.append(result(False, None, f"cannot judge {name} {kind} similarity: {why} ({density_txt})", bound))
+            continue
+        ok = value >= bound
+        v, b = _fmt_vs(value, bound)
+        out.append(result(ok, value, f"{name} {kind} similarity = {v} {'>=' if ok else '<'} min {b} ({density_txt})", bound))
+    return out
+
+
+def evaluated_tokens(metrics: Mapping[str, Any]) -> float | None:
+    """The tokens a model's densities were measured on: its included tokens less the
+    non-finite ones (``n_tokens - n_nonfinite`` of its metrics), or None if unknown."""
+    n = metrics.get("n_tokens")
+    if n is None or isinstance(n, bool):
+        return None
+    try:
+        return float(n) - float(metrics.get("n_nonfinite") or 0)
+    except (TypeError, ValueError):
+        return None
+
+
+def evaluate_watchlist(
+    watch: Watchlist | None,
+    vectors: Mapping[str, Any],
+    n_tokens_base: float | None,
+    n_tokens_finetune: float | None,
+) -> list[CheckResult]:
+    """Every watch check on one finetune, in watchlist order; ids as :func:`planned_watch_checks`.
+
+    Raises :class:`ProfileError` for a watched id outside the SAE (the vectors' length).
+    """
+    if watch is None or not watch.features:
+        return []
+    lengths = {len(v) for v in vectors.values() if v is not None and hasattr(v, "__len__")}
+    if lengths:
+        check_ids_in_range(watch, min(lengths))
+    out: list[CheckResult] = []
+    for f, bounds, severity in watch.resolved():
+        out.extend(evaluate_feature(f.id, f.label, bounds, vectors, n_tokens_base, n_tokens_finetune, severity, watch.min_firings))
+    return out
