@@ -36,7 +36,8 @@ def run_features(
     """Everything the feature section needs for toy-base -> ``finetune``, and the section."""
     from pytest_sae_transfer import zoo
     from pytest_sae_transfer.engine import EngineOptions, evaluate_transfer
-    from pytest_sae_transfer.engine.runner import ModelRunner, hook_layer, sae_roundtrip
+    from pytest_sae_transfer.engine.runner import ModelRunner, hook_layer
+    from pytest_sae_transfer.engine.steps import sae_roundtrip
     from pytest_sae_transfer.metrics.feature_rank import rank_features
     from pytest_sae_transfer.metrics.promoted import promoted_tokens
     from pytest_sae_transfer.metrics.topk import TopKAccumulator
@@ -48,16 +49,17 @@ def run_features(
     tok = zoo.load_tokenizer()
     tokens = zoo_tokens(n_contexts, 128, dataset)
     report = evaluate_transfer(base, {finetune: ft}, sae, tokens,
-                               EngineOptions(batch_size=batch_size, special_token_ids=SPECIAL, progress=False))
+                               EngineOptions(batch_size=batch_size, special_token_ids=SPECIAL, progress=False,
+                                             watched_features=watched, top_k=k, n_worst=top_n))
     layer = hook_layer(sae.cfg.metadata.hook_name, base.cfg.n_layers)
     special = torch.tensor(SPECIAL)
     accs = {"base": TopKAccumulator(sae.cfg.d_sae, k), "finetune": TopKAccumulator(sae.cfg.d_sae, k)}
-    runners = {"base": ModelRunner(base, layer, 1 << 24, True), "finetune": ModelRunner(ft, layer, 1 << 24, True)}
+    runners = {"base": ModelRunner(base, 1 << 24, True), "finetune": ModelRunner(ft, 1 << 24, True)}
     with torch.no_grad():
         for lo in range(0, tokens.shape[0], batch_size):
             toks = tokens[lo : lo + batch_size]
             for side, runner in runners.items():
-                feats, _ = sae_roundtrip(sae, runner.to_hook(toks))
+                feats, _ = sae_roundtrip(sae, runner.capture(toks, [layer])[layer])
                 included = ~torch.isin(toks, special) & torch.isfinite(feats).all(-1)
                 accs[side].update(feats, included, lo)
     tables = {side: acc.result() for side, acc in accs.items()}

@@ -108,9 +108,11 @@ def close(a: Any, b: Any, rel: float = 1e-5, abs_: float = 1e-7, path: str = "")
 
 
 def metrics_part(report: Any) -> dict[str, Any]:
-    """Everything the engine measured (no config)."""
+    """Everything the engine measured (no config), but the feature-level section: it names
+    features by id (the per-feature vectors it is built from are compared separately)."""
     data = report_json(report)
-    return {"base": data["base"], "finetunes": data["finetunes"]}
+    finetunes = [{k: v for k, v in ft.items() if k != "features"} for ft in data["finetunes"]]
+    return {"base": data["base"], "finetunes": finetunes}
 
 
 #: Interval entries that divide by a quantity these random models put near 0: the zero-ablated

@@ -25,13 +25,15 @@ def runs():
 
 
 def test_top_k_of_real_features_matches_brute_force_at_every_batch_size():
-    from pytest_sae_transfer.engine.runner import ModelRunner, hook_layer, sae_roundtrip
+    from pytest_sae_transfer.engine.runner import ModelRunner, hook_layer
+    from pytest_sae_transfer.engine.steps import sae_roundtrip
 
     model, sae = zoo.load_model("toy-code"), zoo.load_sae("toy-res")
     tokens = zoo_tokens(N_CONTEXTS, 128, "toy-eval")
-    runner = ModelRunner(model, hook_layer(sae.cfg.metadata.hook_name, model.cfg.n_layers), 1 << 24, True)
+    layer = hook_layer(sae.cfg.metadata.hook_name, model.cfg.n_layers)
+    runner = ModelRunner(model, 1 << 24, True)
     with torch.no_grad():
-        feats = torch.cat([sae_roundtrip(sae, runner.to_hook(tokens[i : i + 8]))[0] for i in range(0, N_CONTEXTS, 8)])
+        feats = torch.cat([sae_roundtrip(sae, runner.capture(tokens[i : i + 8], [layer])[layer])[0] for i in range(0, N_CONTEXTS, 8)])
     included = ~torch.isin(tokens, torch.tensor(SPECIAL))
     C, T, D = feats.shape
     # Brute force over the whole [tokens x d_sae] matrix: per feature, sort its positive
@@ -113,3 +115,12 @@ def test_a_watchlist_passes_on_toy_prose_and_fails_on_toy_code(runs, tmp_path):
     }
     for r in failed:
         assert " < min 0.8 (density base " in r.message and r.value is not None and r.value < 0.8
+
+
+def test_the_engine_builds_the_section_it_is_tested_against():
+    """The engine's own features section (top-k streamed in the pass, rankings, promoted tokens,
+    snippets) equals the one built here by hand from the pieces, watched features included."""
+    data = run_features("toy-code", watched=((289, "a watched one"), (7, None)), n_contexts=32)
+    engine_section = data["report"].finetune("toy-code").features
+    assert engine_section == data["section"]
+    assert {"289", "7"} <= set(engine_section["cards"])

@@ -277,7 +277,7 @@ def test_fmt_num() -> None:
 
 
 def test_terminal_summary_verdicts_and_failures(report: TransferReport) -> None:
-    text = render.terminal_summary(report)
+    text = render.terminal_summary(report, verbose=True)
     assert f"{BAD}: FAIL (3 of 5 checks failed, 1 warning)" in text
     assert f"{GOOD}: PASS (all 3 checks passed)" in text
     assert "overall: FAIL (1 of 2 finetunes failed)" in text
@@ -313,14 +313,31 @@ def test_terminal_summary_verdicts_and_failures(report: TransferReport) -> None:
 
 
 def test_terminal_summary_width_and_ascii(report: TransferReport) -> None:
-    narrow = render.terminal_summary(report, width=60)
+    narrow = render.terminal_summary(report, width=60, verbose=True)
     for ln in narrow.splitlines():
         if "checks:" in ln or ln.startswith("    "):
             assert len(ln) <= 60, ln
-    plain = render.terminal_summary(report, ascii_only=True)
+    plain = render.terminal_summary(report, ascii_only=True, verbose=True)
     plain.encode("ascii")
     assert f"{BAD}: FAIL (3 of 5 checks failed, 1 warning)" in plain
     assert "x finetune.ce_loss_delta.max:" in plain
+
+
+def test_default_summary_fits_on_a_screen(report: TransferReport) -> None:
+    """Without -v: per finetune the verdict with its reason, each failing check once on one
+    line (never wrapped mid-expression), warnings apart, and a count of the passing ones."""
+    text = render.terminal_summary(report)
+    lines = text.splitlines()
+    assert len(lines) <= 25, text
+    assert f"── {BAD}: FAIL" in text and f"── {GOOD}: PASS" in text
+    assert any(ln.strip().startswith("FAIL: on toy-code the SAE") for ln in lines), text
+    failed = [c for c in report.finetune(BAD).checks if not c.passed and c.severity == "fail"]
+    for c in failed:
+        mine = [ln for ln in lines if f"✗ {c.id}:" in ln]
+        assert len(mine) == 1 and c.message in mine[0], (c.id, mine)
+    assert not any("✓" in ln for ln in lines)  # passing checks are counted, not listed
+    assert "1 of 5 checks passed" in text and "3 of 3 checks passed" in text
+    assert "overall: FAIL (1 of 2 finetunes failed)" in text
 
 
 def test_verdict_without_checks() -> None:

@@ -114,8 +114,12 @@ must_stay_alive = true
     assert watch.min_firings == 5  # inherited
 
 
-def test_profiles_without_features_have_none():
-    assert load_profile("default").features is None
+def test_the_default_profile_watches_nothing_but_has_defaults():
+    """Watched ids come from a profile or --sae-features; the default profile only says what
+    such a feature must keep (so an id from the command line is never watched unchecked)."""
+    watch = load_profile("default").features
+    assert watch is not None and watch.features == ()
+    assert dict(watch.defaults) == {"min_activation_similarity": 0.8, "must_stay_alive": True}
 
 
 def test_command_line_ids_merge(example):

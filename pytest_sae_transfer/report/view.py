@@ -124,7 +124,7 @@ class PairResult:
     def feature_section(self) -> Mapping[str, Any] | None:
         """The finetune's ``"features"`` section (report.feature_section), or None when the run made none."""
         section = getattr(self.finetune_result, "features", None)
-        return section if isinstance(section, Mapping) else None
+        return section if isinstance(section, Mapping) and section else None
 
     def feature(self, feature_id: int) -> FeatureView:
         """One SAE feature on this pair: its numbers and, where recorded, its contexts as text."""
