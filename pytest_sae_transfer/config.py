@@ -91,7 +91,7 @@ class RunConfig:
     report_dir: str | None = None
     no_cache: bool = False
     cache_dir: str | None = None
-    outlier_norm: float | str | None = None  # None (off), "auto" or τ
+    outlier_norm: float | str | None = None  # None (the profile decides), "off", "auto" or τ
     include_special_tokens: bool = False
     shuffle_seed: int | None = None
     seed: int = 0
@@ -240,8 +240,10 @@ def parse_outlier_norm(raw: Any) -> float | str | None:
         value = float(raw)
     else:
         text = str(raw).strip().lower()
-        if text in ("off", "none", "false", "0", ""):
+        if text == "":
             return None
+        if text in ("off", "none", "false", "0"):
+            return "off"  # asked for explicitly: overrides a profile's mask (None would defer to it)
         if text == "auto":
             return "auto"
         try:

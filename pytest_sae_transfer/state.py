@@ -226,6 +226,7 @@ def merge_reports(parts: list[RunReport], from_workers: bool = False) -> RunRepo
                 assert target.features is not None
                 target.features.histograms.update(report.features.histograms)
                 target.features.vectors.update(report.features.vectors)
+                target.features.topk.update(report.features.topk)
             for ft in report.finetunes:
                 if ft.model not in seen[key]:
                     seen[key].add(ft.model)

@@ -154,3 +154,16 @@ def test_readme_documents_every_option() -> None:
     for opt in OPTIONS:
         for name in (opt.flag, f"`{opt.ini}`", f"`{opt.env}`"):
             assert name in readme, f"README lacks {name}"
+
+
+@pytest.mark.parametrize(("given", "profile", "expected"), [
+    ("off", "auto", None), (None, "auto", "auto"), ("auto", None, "auto"), ("250", "auto", 250.0), (None, None, None),
+])
+def test_outlier_norm_off_overrides_a_profiles_mask(given, profile, expected):
+    """--sae-outlier-norm off turns off a release profile's mask; no option defers to the profile."""
+    from pytest_sae_transfer.config import validate
+    from pytest_sae_transfer.session.inputs import Inputs
+
+    config = validate({"outlier_norm": given} if given is not None else {})
+    settings = {"outlier_norm": profile} if profile is not None else {}
+    assert Inputs(config, settings, []).outlier_norm == expected

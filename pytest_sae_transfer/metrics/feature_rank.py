@@ -40,12 +40,12 @@ RANKINGS: tuple[str, ...] = (
 #: Default number of features kept per list.
 DEFAULT_TOP_N = 20
 
-#: The SPEC's "regular" band of log10 density, inclusive, on both models.
+#: The "regular" band of log10 density (docs/metrics.md), inclusive, on both models.
 REGULAR_LOG10_RANGE = (-5.0, -1.0)
 
 
 def log10_density(density: np.ndarray) -> np.ndarray:
-    """The SPEC's log density, log10(density + 1e-10); NaN stays NaN."""
+    """The log density, log10(density + 1e-10); NaN stays NaN."""
     with np.errstate(invalid="ignore"):
         return np.log10(np.asarray(density, dtype=np.float64) + LOG_EPS)
 

@@ -6,7 +6,7 @@ threshold profiles read them from here.
 
 from __future__ import annotations
 
-#: Per-model metric keys, in the order SPEC.md lists them.
+#: Per-model metric keys, in the order docs/metrics.md lists them.
 MODEL_METRIC_KEYS: tuple[str, ...] = (
     "n_tokens",
     "l0",
@@ -24,13 +24,13 @@ MODEL_METRIC_KEYS: tuple[str, ...] = (
     "dense_fraction",
     "outlier_fraction",
     "nonfinite_fraction",
-    # Beyond SPEC (extra keys are allowed): included tokens whose activation was finite
+    # Included tokens whose activation was finite
     # but whose CE or KL was NaN/Inf (overflow after the hook), as a fraction.
     "nonfinite_loss_fraction",
 )
 
 
-#: Paired (base vs finetune) metric keys, in SPEC.md order.
+#: Paired (base vs finetune) metric keys, in docs/metrics.md order.
 PAIRED_METRIC_KEYS: tuple[str, ...] = (
     "resid_cosine_mean",
     "resid_cosine_by_position",
@@ -54,7 +54,7 @@ PAIRED_METRIC_KEYS: tuple[str, ...] = (
 )
 
 
-#: Paired keys beyond SPEC's table that a profile may check, in report order.
+#: Further paired keys a profile may check (transfer rate, dense shift), in report order.
 #:
 #: * ``n_regular_base``: features regular on the base (-5 <= log10 density <= -1), the
 #:   denominator of the transfer rate.

@@ -49,7 +49,7 @@ class ModelBatch:
 
     def finite_mask(self) -> torch.Tensor:
         """bool [B, T]: the token's activation, features and reconstruction are all finite
-        (SPEC ``nonfinite_fraction`` counts the included tokens where this is False)."""
+        (``nonfinite_fraction`` counts the included tokens where this is False)."""
         ok = torch.isfinite(self.x).all(-1) & torch.isfinite(self.x_hat).all(-1)
         ok &= torch.isfinite(self.feats).all(-1)
         return ok
@@ -80,7 +80,7 @@ class BatchStats:
 
 
 class ModelAccumulator:
-    """Streams :class:`ModelBatch` objects for one model and yields its SPEC metrics."""
+    """Streams :class:`ModelBatch` objects for one model and yields its metrics (docs/metrics.md)."""
 
     def __init__(self, d_in: int, d_sae: int, with_losses: bool = True) -> None:
         self.d_in = d_in
@@ -194,7 +194,7 @@ class ModelAccumulator:
         return self.fire_count / n if n > 0 else torch.full_like(self.fire_count, float("nan"))
 
     def summary(self) -> dict[str, Any]:
-        """The per-model SPEC metrics as plain Python numbers."""
+        """The per-model metrics as plain Python numbers."""
         stats, sum_x = self.context_tables()
         values = scalar_metrics(stats.sum(0), sum_x.sum(0), self.d_in)
         out: dict[str, Any] = {"n_tokens": int(stats[:, N_INCLUDED].sum())}
@@ -211,7 +211,7 @@ class ModelAccumulator:
             # included tokens with a finite activation whose CE or KL was not finite:
             # left out of the loss means only
             out["n_nonfinite_loss"] = int(stats[:, N_NONFINITE_LOSS].sum())
-            # Beyond SPEC: the same as a fraction, so a profile can gate on it (default max 0).
+            # The same as a fraction, so a profile can gate on it (default max 0).
             n_included = float(stats[:, N_INCLUDED].sum())
             out["nonfinite_loss_fraction"] = out["n_nonfinite_loss"] / n_included if n_included else float("nan")
         return out
@@ -237,7 +237,7 @@ SCALAR_METRIC_KEYS = (
 
 
 def scalar_metrics(s: torch.Tensor, sum_x: torch.Tensor, d_in: int) -> dict[str, torch.Tensor]:
-    """SPEC scalars from summed statistics.
+    """The scalar metrics from summed statistics.
 
     ``s`` is [..., N_COLUMNS] and ``sum_x`` [..., d_in]; a leading dimension holds
     bootstrap replicates, so point estimates and intervals share one formula.

@@ -36,7 +36,7 @@ def _summary(values: torch.Tensor) -> tuple[float | None, float | None, float | 
 
 
 def regular_mask(log_density: torch.Tensor) -> torch.Tensor:
-    """Features with -5 <= log10 density <= -1 (SPEC's regular band)."""
+    """Features with -5 <= log10 density <= -1 (the "regular" band)."""
     return (log_density >= -5) & (log_density <= -1)
 
 

@@ -4,7 +4,7 @@ Why: next to the text a feature fires on, the tokens its decoder direction pushe
 up say what it *does*; comparing them on the base and the finetune's unembedding
 shows whether that output meaning survived (logit similarity is the same idea
 reduced to one number). ``W_U`` should have the final normalisation's weight folded
-in (:func:`~pytest_sae_transfer.metrics.weights.folded_unembed`), as the SPEC's
+in (:func:`~pytest_sae_transfer.metrics.weights.folded_unembed`), as the metric contract's
 logit similarity has.
 
 Only the listed features are computed, a chunk of features at a time, so at most

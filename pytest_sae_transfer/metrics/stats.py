@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-#: log10(density + EPS) is the SPEC's feature log-density; the same EPS is used
+#: log10(density + EPS) is a feature's log-density (docs/metrics.md); the same EPS is used
 #: for the dead-feature activation error.
 LOG_EPS = 1e-10
 

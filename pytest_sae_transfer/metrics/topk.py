@@ -142,7 +142,7 @@ class TopKAccumulator:
     @torch.no_grad()
     def candidates(self, feats: torch.Tensor, included: torch.Tensor, context_offset: int) -> Candidates:
         """The entries of one batch that can enter the table, without changing it (the engine
-        keeps nothing of a batch until all of it has been computed, then :meth:`merge`\s)."""
+        keeps nothing of a batch until all of it has been computed, then merges)."""
         if feats.ndim != 3 or feats.shape[2] != self.d_sae:
             raise ValueError(f"feats must be [B, T, {self.d_sae}]; got {tuple(feats.shape)}")
         B, T, D = feats.shape

@@ -63,7 +63,7 @@ SECTION_VERSION = 1
 #: Models of a card, in display order.
 SIDES: tuple[str, ...] = ("base", "finetune")
 
-_LOG_EPS = 1e-10  # the SPEC's log-density epsilon
+_LOG_EPS = 1e-10  # the log-density epsilon (docs/metrics.md)
 _REGULAR = (-5.0, -1.0)
 
 

@@ -59,6 +59,9 @@ class Inputs:
 
     @property
     def outlier_norm(self) -> float | str | None:
+        """The mask's τ: the option's ("off" turns off a profile's mask), else the profile's."""
+        if self.config.outlier_norm == "off":
+            return None
         if self.config.outlier_norm is not None:
             return self.config.outlier_norm
         return self.settings.get("outlier_norm")

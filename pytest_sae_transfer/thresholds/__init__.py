@@ -1,6 +1,6 @@
 """Threshold profiles: TOML files of pass/fail checks on a :class:`TransferReport`.
 
-A profile is a TOML file (SPEC.md, "Threshold profiles"). Each table
+A profile is a TOML file (docs/metrics.md, "Threshold profiles"). Each table
 ``[<scope>.<metric>]`` is one check; ``scope`` is ``base``, ``finetune`` or
 ``paired`` and ``metric`` a key of that scope. A check holds one or more bounds,
 and each bound is evaluated as its own :class:`CheckResult`::

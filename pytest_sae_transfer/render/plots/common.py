@@ -11,7 +11,7 @@ import numpy as np
 
 from ...report import TransferReport, atomic_write
 
-#: Epsilon of SPEC.md's log density, log10(density + 1e-10).
+#: Epsilon of the log density, log10(density + 1e-10).
 DENSITY_EPS = 1e-10
 
 #: Log-density bins: fixed, from -10 (dead) to 0 (fires on every token).
