@@ -123,7 +123,7 @@ class RunConfig:
 
 
 def add_options(parser: pytest.Parser) -> None:
-    group = parser.getgroup("sae-transfer", "SAE transferability gate (pytest-sae-transfer)")
+    group = parser.getgroup("sae-transfer", "SAE transferability gate (pytest-sae-transfer; metrics and profiles: docs/metrics.md)")
     for opt in OPTIONS:
         help_text = f"{opt.help} [ini: {opt.ini}; env: {opt.env}]"
         if opt.kind == "bool":
