@@ -275,3 +275,14 @@ def test_xdist_gives_the_serial_report(pytester: pytest.Pytester, tmp_path: Path
     assert len(workers) == 2
     assert sorted(w["base"] for w in workers) == ["cache", "computed"]
     assert sorted(k for w in workers for k, v in w.items() if v == "computed" and k != "base") == ["toy-code", "toy-prose"]
+
+
+def test_too_few_tokens_fails_loudly(pytester: pytest.Pytester) -> None:
+    """127 tokens are too few to judge: the gate fails on the evidence check, saying so,
+    instead of passing a finetune on noise."""
+    result = pytester.runpytest_subprocess("--sae-release", "toy-res", "--finetune", "toy-prose", "--sae-tokens", "100",
+                                           "-p", "no:randomly", "-p", "no:cacheprovider", "--sae-no-cache")
+    text = "\n".join(result.outlines + result.errlines)
+    assert result.ret == 1, text
+    assert "FAILED toy-prose::finetune.n_tokens>=1000" in text
+    assert "measured on only 127 tokens, too few to judge" in text

@@ -58,6 +58,8 @@ def test_an_unchanged_finetune_passes_every_bundled_profile_whatever_the_base(va
     check; only the base's own warnings may fire."""
     base = dict(values, **fractions, nonfinite_fraction=0.0, nonfinite_loss_fraction=0.0)
     base["l0"] = abs(base["l0"])
+    # The SAE's quality is arbitrary; the sample is one a gate can judge (its size is checked apart).
+    base["n_tokens"] = 1000 + abs(base["n_tokens"]) * 1000
     delta = {k: [0.0, 0.0] for k in MODEL_METRIC_KEYS}
     ratio = {k: [1.0, 1.0] for k in MODEL_METRIC_KEYS}
     results = evaluate_pair(load_profile(name), base, dict(base), IDENTITY_PAIRED, delta_ci=delta, ratio_ci=ratio)
@@ -100,7 +102,9 @@ def test_default_profile_judges_transfer_not_the_sae():
     for spec in profile.checks:
         family = family_of(spec.key)
         bounds = {k for k, _ in spec.bounds}
-        if family == "run":
+        if family == "run" and spec.metric == "n_tokens":  # enough evidence to judge at all
+            assert spec.severity == "fail" and bounds == {"min"} and spec.scope == "finetune", spec
+        elif family == "run":
             assert spec.severity == "fail" and bounds == {"max"}, spec
             assert dict(spec.bounds)["max"] == 0.0
         elif spec.scope == "base":
@@ -822,6 +826,7 @@ def test_evaluate_checks_missing_modes_on_report():
     assert not twin.passed and "no paired interval" in twin.message and "ratio_ci95" in twin.message
     evaluate_checks(profile, report, missing="skip")
     assert [c.id for c in ft.checks] == ["base.nonfinite_fraction<=0", "finetune.l0:ratio<=1.5", "finetune.l0:ratio>=0.66"]
+    # (the evidence check, finetune.n_tokens>=1000, has no input here: skipped too)
     assert ft.passed is True
     # the paired intervals on the result are read by evaluate_checks
     ft.ratio_ci95 = {"l0": [1.1, 1.3]}
@@ -836,7 +841,7 @@ def test_default_gate_on_a_full_report_with_nonfinite():
     profile = load_profile("default")
     base = {k: 0.0 for k in MODEL_METRIC_KEYS}
     base.update(l0=50.0, ce_loss_delta=0.1, ce_loss_recovered=0.95, kl_div_spliced=0.2, explained_variance=0.8,
-                r2_pooled=0.85, dense_fraction=0.01)
+                r2_pooled=0.85, dense_fraction=0.01, n_tokens=32000)
     ft = dict(base, l0=55.0, ce_loss_delta=0.15, ce_loss_recovered=0.93, kl_div_spliced=0.3, explained_variance=0.75,
               r2_pooled=0.8)
     paired = {k: 0.0 for k in CHECKABLE_PAIRED_KEYS}
@@ -885,3 +890,21 @@ def test_planned_checks_are_what_evaluate_pair_returns():
             results = evaluate_pair(profile, missing_values, missing_values, {})
             assert [(r.id, r.metric) for r in results] == [(cid, metric) for cid, metric, _ in planned]
         assert [sev for _, _, sev in planned] == [s.severity for s in profile.checks for _ in s.bounds]
+
+
+def test_an_interval_too_wide_to_decide_says_how_many_tokens_would():
+    """The point value is within the bound but the paired interval is not: the check fails as
+    undecided, and estimates the tokens that would narrow the interval enough (its half-width
+    shrinks as 1/sqrt(tokens))."""
+    spec = CheckSpec("finetune", "ce_loss_delta", (("max_increase_ci_high", 0.4),))
+    base, ft = {"ce_loss_delta": 0.1}, {"ce_loss_delta": 0.3, "n_tokens": 8000}
+    (r,) = evaluate_pair(_profile(spec), base, ft, {}, delta_ci={"ce_loss_delta": [0.1, 0.5]})
+    assert not r.passed
+    # the point (0.2) is 0.2 below the bound; the interval's end (0.5) 0.3 above the point:
+    # 8000 x (0.3 / 0.2)^2 = 18,000 tokens
+    assert "too wide to decide on 8,000 tokens: about 18,000 would" in r.message, r.message
+    (r,) = evaluate_pair(_profile(spec), base, ft, {}, delta_ci={"ce_loss_delta": [0.1, 0.35]})
+    assert r.passed and "too wide" not in r.message
+    # a point value past the bound is a plain failure, not a question of evidence
+    (r,) = evaluate_pair(_profile(spec), base, dict(ft, ce_loss_delta=0.6), {}, delta_ci={"ce_loss_delta": [0.4, 0.6]})
+    assert not r.passed and "too wide" not in r.message

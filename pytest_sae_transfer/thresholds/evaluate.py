@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import types
@@ -153,6 +154,70 @@ _BASE_NOTE = (
 )
 
 
+def _undecided(point: float | None, end: float, bound: float, upper: bool, n_tokens: float | None) -> str:
+    """When the point value is within the bound but the interval's end is not, the sample is too
+    small to decide: say so, and how many tokens would narrow the interval enough (its half-width
+    shrinks as one over the square root of the tokens)."""
+    if point is None or not _within(point, bound, upper) or point == bound:
+        return ""
+    text = f"; the point value is within {_fmt(bound)}, but the interval is too wide to decide"
+    if n_tokens:
+        needed = n_tokens * ((end - point) / (bound - point)) ** 2
+        text += f" on {int(n_tokens):,} tokens: about {int(math.ceil(needed / 1000.0)) * 1000:,} would (--sae-tokens)"
+    return text
+
+
+@dataclasses.dataclass
+class _Bound:
+    """One bound of one check being evaluated: what every branch of the evaluation shares."""
+
+    spec: CheckSpec
+    bound_key: str
+    bound: float
+    missing: str
+    status: str  # of the value: "ok" | "missing" | "undefined" | "bad"
+    value: float | None
+    why: str
+    base_value: float | None
+
+    @property
+    def op(self) -> str:
+        return BOUND_KEYS[self.bound_key]
+
+    @property
+    def expect(self) -> str:
+        return f"{_OP_TEXT[self.op]} {_fmt(self.bound)}"
+
+    def result(self, passed: bool, val: float | None, message: str, interval: tuple[float, float] | None,
+               severity: str | None = None) -> CheckResult:
+        spec = self.spec
+        if not passed and spec.scope == "base" and family_of(spec.metric) != "run":
+            message += _BASE_NOTE
+        return CheckResult(
+            id=_check_id(spec.key, self.op, self.bound), metric=spec.key, op=self.op, bound=self.bound, value=val,
+            passed=passed, severity=severity or spec.severity, base_value=self.base_value, ci95=interval, message=message,
+        )
+
+    def not_there(self, kind: str, message: str, interval: tuple[float, float] | None = None) -> CheckResult | None:
+        """A value (or the base's, or an interval) the check needs is not there."""
+        if self.missing == "skip":
+            return None
+        if kind == "undefined" and self.spec.if_undefined == "warn" and self.spec.severity == "fail":
+            return self.result(
+                False, None, f"{message}: undefined on this run, so a warning instead of a failure "
+                f"(if_undefined = \"warn\"; {self.expect} not checked)", interval, severity="warn",
+            )
+        return self.result(False, None, f"{message}; cannot check {self.expect}", interval)
+
+    def value_problem(self, interval: tuple[float, float] | None) -> CheckResult | None:
+        """The result when the value itself is missing, undefined or not a number; else None."""
+        if self.status in ("missing", "undefined"):
+            return self.not_there(self.status, f"{self.spec.key} {self.why}")
+        if self.status == "bad":
+            return self.result(False, self.value, f"{self.spec.key} {self.why}; fails {self.expect}", interval)
+        return None
+
+
 def _evaluate_bound(
     spec: CheckSpec,
     bound_key: str,
@@ -163,143 +228,114 @@ def _evaluate_bound(
     delta_ci: tuple[float, float] | None,
     ratio_ci: tuple[float, float] | None,
     missing: str,
+    n_tokens: float | None = None,
 ) -> CheckResult | None:
-    op = BOUND_KEYS[bound_key]
-    mkey = spec.key
-    cid = _check_id(mkey, op, bound)
     status, value, why = _classify(raw)
     base_value: float | None = None
     if spec.scope == "finetune" and base_raw is not _ABSENT:
         b_status, b_val, _ = _classify(base_raw)
         if b_status == "ok":
             base_value = b_val
+    b = _Bound(spec, bound_key, bound, missing, status, value, why, base_value)
+    if b.op in ("ci_low>=", "ci_high<="):
+        return _interval_end(b, ci)
+    if b.op in ("<=", ">="):
+        return _point(b, ci) if b.status == "ok" else b.value_problem(ci)
+    return _relative(b, base_raw, delta_ci, ratio_ci, n_tokens)
 
-    def result(
-        passed: bool, val: float | None, message: str, interval: tuple[float, float] | None, severity: str | None = None
-    ) -> CheckResult:
-        if not passed and spec.scope == "base" and family_of(spec.metric) != "run":
-            message += _BASE_NOTE
-        return CheckResult(
-            id=cid,
-            metric=mkey,
-            op=op,
-            bound=bound,
-            value=val,
-            passed=passed,
-            severity=severity or spec.severity,
-            base_value=base_value,
-            ci95=interval,
-            message=message,
-        )
 
-    expect = f"{_OP_TEXT[op]} {_fmt(bound)}"
+def _interval_end(b: _Bound, ci: tuple[float, float] | None) -> CheckResult | None:
+    """A bound on an end of the metric's own interval."""
+    mkey = b.spec.key
+    if ci is None:
+        if b.status in ("missing", "undefined"):
+            return b.not_there(b.status, f"{mkey} {b.why}")
+        return b.not_there("missing", f"{mkey} has no ci95 in the report")
+    upper = b.op == "ci_high<="
+    end = ci[1] if upper else ci[0]
+    ok = _within(end, b.bound, upper)
+    v, bnd = _fmt_vs(end, b.bound)
+    label = "ci95 high" if upper else "ci95 low"
+    point = f"value {_fmt(b.value)}" if b.status == "ok" else ""
+    return b.result(ok, end, f"{mkey} {label} = {v} {_relation(ok, upper)} {_OP_TEXT[b.op]} {bnd}{_context(b.base_value, ci, point)}", ci)
 
-    def not_there(kind: str, message: str, interval: tuple[float, float] | None = None) -> CheckResult | None:
-        """A value (or the base's, or an interval) the check needs is not there."""
-        if missing == "skip":
-            return None
-        if kind == "undefined" and spec.if_undefined == "warn" and spec.severity == "fail":
-            return result(
-                False, None, f"{message}: undefined on this run, so a warning instead of a failure "
-                f"(if_undefined = \"warn\"; {expect} not checked)", interval, severity="warn",
-            )
-        return result(False, None, f"{message}; cannot check {expect}", interval)
 
-    # Bounds on an end of the metric's own interval.
-    if op in ("ci_low>=", "ci_high<="):
-        if ci is None:
-            if status in ("missing", "undefined"):
-                return not_there(status, f"{mkey} {why}")
-            return not_there("missing", f"{mkey} has no ci95 in the report")
-        upper = op == "ci_high<="
-        end = ci[1] if upper else ci[0]
-        ok = _within(end, bound, upper)
-        v, b = _fmt_vs(end, bound)
-        label = "ci95 high" if upper else "ci95 low"
-        point = f"value {_fmt(value)}" if status == "ok" else ""
-        return result(
-            ok, end, f"{mkey} {label} = {v} {_relation(ok, upper)} {_OP_TEXT[op]} {b}{_context(base_value, ci, point)}", ci
-        )
+def _point(b: _Bound, ci: tuple[float, float] | None) -> CheckResult:
+    """A plain min/max bound on the value."""
+    assert b.value is not None
+    upper = b.op == "<="
+    ok = _within(b.value, b.bound, upper)
+    v, bnd = _fmt_vs(b.value, b.bound)
+    return b.result(ok, b.value, f"{b.spec.key} = {v} {_relation(ok, upper)} {_OP_TEXT[b.op]} {bnd}{_context(b.base_value, ci)}", ci)
 
-    if op in ("<=", ">="):
-        if status in ("missing", "undefined"):
-            return not_there(status, f"{mkey} {why}")
-        if status == "bad":
-            return result(False, value, f"{mkey} {why}; fails {expect}", ci)
-        assert value is not None
-        upper = op == "<="
-        ok = _within(value, bound, upper)
-        v, b = _fmt_vs(value, bound)
-        return result(ok, value, f"{mkey} = {v} {_relation(ok, upper)} {_OP_TEXT[op]} {b}{_context(base_value, ci)}", ci)
 
-    # Relative bounds (finetune scope only, enforced at load time).
-    quantity, upper, end_name = _RELATIVE[op]
+def _relative(b: _Bound, base_raw: Any, delta_ci: tuple[float, float] | None, ratio_ci: tuple[float, float] | None,
+              n_tokens: float | None) -> CheckResult | None:
+    """A bound on the finetune relative to the base (finetune scope only, enforced at load time):
+    the increase, decrease or ratio, or an end of its paired interval."""
+    quantity, upper, end_name = _RELATIVE[b.op]
     interval = _paired_interval(quantity, delta_ci, ratio_ci)
-    label = f"{mkey} {_QUANTITY_TEXT[quantity]}"
     b_status, b_val, b_why = _classify(base_raw)
-
-    derived: float | None = None
-    how = ""
-    if status == "ok" and b_status == "ok":
-        assert value is not None and b_val is not None
-        if quantity == "increase":
-            derived = value - b_val
-            how = f"{_fmt(value)} - base {_fmt_operand(b_val)}"
-        elif quantity == "decrease":
-            derived = b_val - value
-            how = f"base {_fmt(b_val)} - {_fmt_operand(value)}"
-        else:
-            derived = ratio_to_base(value, b_val)
-            how = f"{_fmt(value)} / base {_fmt(b_val)}"
-            if value == 0 and b_val == 0:
-                how += ": both 0, no change"
-
-    if end_name is not None:  # an end of the paired interval
-        if interval is None:
-            if status in ("missing", "undefined"):
-                return not_there(status, f"{mkey} {why}")
-            if b_status in ("missing", "undefined"):
-                return not_there(b_status, f"base.{spec.metric} {b_why}")
-            source = "delta_ci95" if quantity != "ratio" else "ratio_ci95"
-            return not_there(
-                "missing",
-                f"{label} has no paired interval in the report (no {source} for {spec.metric}: "
-                "a report from an older version, or one run without the bootstrap)",
-            )
-        end = interval[1] if end_name == "high" else interval[0]
-        ok = _within(end, bound, upper)
-        v, b = _fmt_vs(end, bound)
-        point = f"point {_fmt(derived)}" if derived is not None else ""
-        return result(
-            ok, end,
-            f"{label}, paired ci95 {end_name} = {v} {_relation(ok, upper)} {_OP_TEXT[op]} {b}"
-            + _context(None, interval, point, "paired ci95"),
-            interval,
-        )
-
-    if status in ("missing", "undefined"):
-        return not_there(status, f"{mkey} {why}")
-    if status == "bad":
-        return result(False, value, f"{mkey} {why}; fails {expect}", interval)
+    derived, how = _derived(quantity, b.value, b_val) if b.status == "ok" and b_status == "ok" else (None, "")
+    if end_name is not None:
+        return _paired_end(b, quantity, upper, end_name, interval, derived, (b_status, b_why), n_tokens)
+    problem = b.value_problem(interval)
+    if problem is not None or b.status != "ok":
+        return problem
+    mkey, metric = b.spec.key, b.spec.metric
     if b_status in ("missing", "undefined"):
-        return not_there(b_status, f"base.{spec.metric} {b_why}")
+        return b.not_there(b_status, f"base.{metric} {b_why}")
     if b_status == "bad":
-        return result(False, None, f"base.{spec.metric} {b_why}; fails {mkey} {expect}", interval)
-    assert value is not None and b_val is not None
+        return b.result(False, None, f"base.{metric} {b_why}; fails {mkey} {b.expect}", interval)
+    assert b.value is not None and b_val is not None
     if derived is None:  # a ratio to a base of 0
-        return result(
-            False, None,
-            f"{mkey} ratio to base is undefined: base value is 0 (finetune {_fmt(value)}); fails {expect}", interval,
+        return b.result(
+            False, None, f"{mkey} ratio to base is undefined: base value is 0 (finetune {_fmt(b.value)}); fails {b.expect}", interval,
         )
-    if quantity == "ratio":
-        scale = max(abs(derived), abs(bound))
-    else:
-        scale = max(abs(value), abs(b_val), abs(bound))
-    ok = _within(derived, bound, upper, DERIVED_RTOL * scale)
-    v, b = _fmt_vs(derived, bound)
-    return result(
+    scale = max(abs(derived), abs(b.bound)) if quantity == "ratio" else max(abs(b.value), abs(b_val), abs(b.bound))
+    ok = _within(derived, b.bound, upper, DERIVED_RTOL * scale)
+    v, bnd = _fmt_vs(derived, b.bound)
+    return b.result(
         ok, derived,
-        f"{label} = {v} ({how}) {_relation(ok, upper)} {_OP_TEXT[op]} {b}" + _context(None, interval, "", "paired ci95"),
+        f"{mkey} {_QUANTITY_TEXT[quantity]} = {v} ({how}) {_relation(ok, upper)} {_OP_TEXT[b.op]} {bnd}"
+        + _context(None, interval, "", "paired ci95"),
+        interval,
+    )
+
+
+def _derived(quantity: str, value: Any, base: Any) -> tuple[float | None, str]:
+    """(finetune − base, base − finetune or finetune / base; how it was computed, for the message)."""
+    if quantity == "increase":
+        return value - base, f"{_fmt(value)} - base {_fmt_operand(base)}"
+    if quantity == "decrease":
+        return base - value, f"base {_fmt(base)} - {_fmt_operand(value)}"
+    how = f"{_fmt(value)} / base {_fmt(base)}" + (": both 0, no change" if value == 0 and base == 0 else "")
+    return ratio_to_base(value, base), how
+
+
+def _paired_end(b: _Bound, quantity: str, upper: bool, end_name: str, interval: tuple[float, float] | None,
+                derived: float | None, base_status: tuple[str, str], n_tokens: float | None) -> CheckResult | None:
+    """A bound on an end of the paired interval of the increase, decrease or ratio."""
+    mkey, label = b.spec.key, f"{b.spec.key} {_QUANTITY_TEXT[quantity]}"
+    if interval is None:
+        if b.status in ("missing", "undefined"):
+            return b.not_there(b.status, f"{mkey} {b.why}")
+        if base_status[0] in ("missing", "undefined"):
+            return b.not_there(base_status[0], f"base.{b.spec.metric} {base_status[1]}")
+        source = "delta_ci95" if quantity != "ratio" else "ratio_ci95"
+        return b.not_there(
+            "missing",
+            f"{label} has no paired interval in the report (no {source} for {b.spec.metric}: "
+            "a report from an older version, or one run without the bootstrap)",
+        )
+    end = interval[1] if end_name == "high" else interval[0]
+    ok = _within(end, b.bound, upper)
+    v, bnd = _fmt_vs(end, b.bound)
+    point = f"point {_fmt(derived)}" if derived is not None else ""
+    return b.result(
+        ok, end,
+        f"{label}, paired ci95 {end_name} = {v} {_relation(ok, upper)} {_OP_TEXT[b.op]} {bnd}"
+        + _context(None, interval, point, "paired ci95") + ("" if ok else _undecided(derived, end, b.bound, upper, n_tokens)),
         interval,
     )
 
@@ -331,6 +367,7 @@ def evaluate_pair(
     values = {"base": base_metrics or _EMPTY, "finetune": finetune_metrics or _EMPTY, "paired": paired or _EMPTY}
     cis = {"base": base_ci or _EMPTY, "finetune": finetune_ci or _EMPTY, "paired": paired_ci or _EMPTY}
     out: list[CheckResult] = []
+    n_tokens = _classify(values["finetune"].get("n_tokens", _ABSENT))[1]
     for spec in profile.checks:
         raw = values[spec.scope].get(spec.metric, _ABSENT)
         base_raw = values["base"].get(spec.metric, _ABSENT) if spec.scope == "finetune" else _ABSENT
@@ -338,7 +375,7 @@ def evaluate_pair(
         d_ci = _ci_of(delta_ci or _EMPTY, spec.metric) if spec.scope == "finetune" else None
         r_ci = _ci_of(ratio_ci or _EMPTY, spec.metric) if spec.scope == "finetune" else None
         for bound_key, bound in spec.bounds:
-            res = _evaluate_bound(spec, bound_key, bound, raw, base_raw, ci, d_ci, r_ci, missing)
+            res = _evaluate_bound(spec, bound_key, bound, raw, base_raw, ci, d_ci, r_ci, missing, n_tokens)
             if res is not None:
                 out.append(res)
     return out

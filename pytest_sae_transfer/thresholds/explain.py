@@ -114,6 +114,7 @@ _VALUE_PHRASES: dict[str, _Phrase] = {
     "dense_shift_fraction": lambda v, than, base: f"sees {_pct(v)} of its features turn dense or stop being dense",
     "logit_similarity_mean": lambda v, than, base: f"keeps a mean logit similarity of only {_num(v)}",
     "resid_cosine_mean": lambda v, than, base: f"reads a residual stream at a cosine of only {_num(v)} to {base}'s",
+    "n_tokens": lambda v, than, base: f"was measured on only {int(v):,} tokens, too few to judge (raise --sae-tokens)",
     "nonfinite_fraction": lambda v, than, base: f"meets NaN/Inf activations on {_pct(v)} of the tokens",
     "nonfinite_loss_fraction": lambda v, than, base: f"meets a NaN/Inf loss on {_pct(v)} of the tokens",
 }
