@@ -85,10 +85,6 @@ def paired_metrics(
     dead_f = ft_acc.fire_count == 0
     regular = regular_mask(log_b) & regular_mask(log_f)
 
-    table = pair.context_table()
-    n_pair = float(table[:, P_N].sum())
-    cos_by_pos, euc_by_pos = pair.by_position()
-
     act_sim_all = pearson_from_sums(pair.n, pair.sum_a, pair.sum_b, pair.sum_aa, pair.sum_bb, pair.sum_ab)
     act_sim = torch.where(regular, act_sim_all, torch.nan)
     undefined = int((regular & torch.isnan(act_sim_all)).sum())
@@ -107,11 +103,7 @@ def paired_metrics(
 
     density_r = rowwise_pearson(log_b.unsqueeze(0), log_f.unsqueeze(0))[0]
     paired: dict[str, Any] = {
-        "n_tokens": int(n_pair),
-        "resid_cosine_mean": float(table[:, P_COS].sum() / n_pair) if n_pair > 0 else None,
-        "resid_cosine_by_position": cos_by_pos,
-        "resid_euclidean_mean": float(table[:, P_EUC].sum() / n_pair) if n_pair > 0 else None,
-        "resid_euclidean_by_position": euc_by_pos,
+        **_residual(pair),
         "density_log10_pearson": float(density_r) if math.isfinite(float(density_r)) else None,
         "n_dead_base_only": int(base_only.sum()),
         "n_dead_finetune_only": int(ft_only.sum()),
@@ -140,3 +132,16 @@ def paired_metrics(
     }
     return paired, vectors, notes
 
+
+def _residual(pair: PairedAccumulator) -> dict[str, Any]:
+    """The residual-stream similarity of the pair: means over the paired tokens, and by position."""
+    table = pair.context_table()
+    n_pair = float(table[:, P_N].sum())
+    cos_by_pos, euc_by_pos = pair.by_position()
+    return {
+        "n_tokens": int(n_pair),
+        "resid_cosine_mean": float(table[:, P_COS].sum() / n_pair) if n_pair > 0 else None,
+        "resid_cosine_by_position": cos_by_pos,
+        "resid_euclidean_mean": float(table[:, P_EUC].sum() / n_pair) if n_pair > 0 else None,
+        "resid_euclidean_by_position": euc_by_pos,
+    }

@@ -97,6 +97,38 @@ def _parse_check(scope: str, metric: str, table: Any, src: Source) -> tuple[Chec
     """Validate one ``[scope.metric]`` table. Returns (spec or None, enabled)."""
     name = f"{scope}.{metric}"
     where = f"{src.display}: [{name}]"
+    _check_metric(scope, metric, table, where, src)
+    options: dict[str, Any] = {"severity": "fail", "if_undefined": "fail", "enabled": True}
+    bounds: list[tuple[str, float]] = []
+    for key, value in table.items():
+        kwhere = f"{where} key '{key}'"
+        if key in BOUND_KEYS:
+            bounds.append((key, _bound_value(scope, metric, key, value, kwhere)))
+        elif key in CHECK_OPTION_KEYS:
+            options[key] = _option_value(key, value, kwhere)
+        else:
+            raise ProfileError(
+                f"{kwhere}: unknown bound key (bad operator); "
+                + suggest(key, tuple(BOUND_KEYS) + CHECK_OPTION_KEYS)
+            )
+    if not options["enabled"]:
+        return None, False
+    if not bounds:
+        raise ProfileError(
+            f"{where}: check holds no bound; add one of {', '.join(BOUND_KEYS)} "
+            "(or enabled = false to drop an inherited check)"
+        )
+    b = dict(bounds)
+    for low, high in (("min", "max"), ("min_ratio_to_base", "max_ratio_to_base"), ("min_ratio_ci_low", "max_ratio_ci_high")):
+        if low in b and high in b and b[low] > b[high]:
+            raise ProfileError(f"{where} key '{low}': {low} {b[low]!r} > {high} {b[high]!r}, the check can never pass")
+    spec = CheckSpec(scope=scope, metric=metric, bounds=tuple(bounds), severity=options["severity"], source=src.display,
+                     if_undefined=options["if_undefined"])
+    return spec, True
+
+
+def _check_metric(scope: str, metric: str, table: Any, where: str, src: Source) -> None:
+    """The metric exists in its scope, is a scalar, and its entry is a table of bounds."""
     valid = SCOPE_METRICS[scope]
     if metric not in valid:
         other = [s for s in SCOPES if s != scope and metric in SCOPE_METRICS[s]]
@@ -110,70 +142,40 @@ def _parse_check(scope: str, metric: str, table: Any, src: Source) -> tuple[Chec
     if not isinstance(table, dict):
         raise ProfileError(
             f"{src.display}: [{scope}] key '{metric}': must be a table of bounds "
-            f"(e.g. [{name}] with max = ...), got {type_name(table)}"
+            f"(e.g. [{scope}.{metric}] with max = ...), got {type_name(table)}"
         )
-    severity = "fail"
-    if_undefined = "fail"
-    enabled = True
-    bounds: list[tuple[str, float]] = []
-    for key, value in table.items():
-        kwhere = f"{where} key '{key}'"
-        if key == "severity":
-            if not isinstance(value, str) or value not in SEVERITIES:
-                shown = repr(value) if isinstance(value, str) else type_name(value)
-                raise ProfileError(
-                    f"{kwhere}: severity must be \"fail\" or \"warn\", got {shown}; "
-                    + suggest(str(value).lower(), SEVERITIES)
-                )
-            severity = value
-        elif key == "if_undefined":
-            if not isinstance(value, str) or value not in IF_UNDEFINED:
-                shown = repr(value) if isinstance(value, str) else type_name(value)
-                raise ProfileError(
-                    f"{kwhere}: if_undefined must be \"fail\" or \"warn\", got {shown}; "
-                    + suggest(str(value).lower(), IF_UNDEFINED)
-                )
-            if_undefined = value
-        elif key == "enabled":
-            if not isinstance(value, bool):
-                raise ProfileError(f"{kwhere}: must be true or false, got {type_name(value)}")
-            enabled = value
-        elif key in BOUND_KEYS:
-            if key in RELATIVE_BOUNDS and scope != "finetune":
-                if metric in MODEL_METRIC_KEYS:
-                    hint = f"did you mean [finetune.{metric}]?"
-                else:  # a paired metric already compares the two models
-                    plain = "min" if key.startswith("min_") or "decrease" in key else "max"
-                    hint = f"a paired metric already compares base and finetune: did you mean '{plain}'?"
-                raise ProfileError(
-                    f"{kwhere}: '{key}' compares a finetune with the base, so it is only valid "
-                    f"in [finetune.*] checks; {hint}"
-                )
-            if not is_number(value):
-                raise ProfileError(f"{kwhere}: bound must be a number, got {type_name(value)}")
-            if not math.isfinite(value):
-                raise ProfileError(f"{kwhere}: bound must be finite, got {value!r}")
-            bounds.append((key, float(value)))
-        else:
-            raise ProfileError(
-                f"{kwhere}: unknown bound key (bad operator); "
-                + suggest(key, tuple(BOUND_KEYS) + CHECK_OPTION_KEYS)
-            )
-    if not enabled:
-        return None, False
-    if not bounds:
+
+
+def _option_value(key: str, value: Any, kwhere: str) -> Any:
+    """``severity``, ``if_undefined`` or ``enabled``, validated."""
+    if key == "enabled":
+        if not isinstance(value, bool):
+            raise ProfileError(f"{kwhere}: must be true or false, got {type_name(value)}")
+        return value
+    allowed = SEVERITIES if key == "severity" else IF_UNDEFINED
+    if not isinstance(value, str) or value not in allowed:
+        shown = repr(value) if isinstance(value, str) else type_name(value)
+        raise ProfileError(f"{kwhere}: {key} must be \"fail\" or \"warn\", got {shown}; " + suggest(str(value).lower(), allowed))
+    return value
+
+
+def _bound_value(scope: str, metric: str, key: str, value: Any, kwhere: str) -> float:
+    """A bound's number, where its kind of bound is allowed."""
+    if key in RELATIVE_BOUNDS and scope != "finetune":
+        if metric in MODEL_METRIC_KEYS:
+            hint = f"did you mean [finetune.{metric}]?"
+        else:  # a paired metric already compares the two models
+            plain = "min" if key.startswith("min_") or "decrease" in key else "max"
+            hint = f"a paired metric already compares base and finetune: did you mean '{plain}'?"
         raise ProfileError(
-            f"{where}: check holds no bound; add one of {', '.join(BOUND_KEYS)} "
-            "(or enabled = false to drop an inherited check)"
+            f"{kwhere}: '{key}' compares a finetune with the base, so it is only valid "
+            f"in [finetune.*] checks; {hint}"
         )
-    b = dict(bounds)
-    for low, high in (("min", "max"), ("min_ratio_to_base", "max_ratio_to_base"), ("min_ratio_ci_low", "max_ratio_ci_high")):
-        if low in b and high in b and b[low] > b[high]:
-            raise ProfileError(f"{where} key '{low}': {low} {b[low]!r} > {high} {b[high]!r}, the check can never pass")
-    spec = CheckSpec(
-        scope=scope, metric=metric, bounds=tuple(bounds), severity=severity, source=src.display, if_undefined=if_undefined
-    )
-    return spec, True
+    if not is_number(value):
+        raise ProfileError(f"{kwhere}: bound must be a number, got {type_name(value)}")
+    if not math.isfinite(value):
+        raise ProfileError(f"{kwhere}: bound must be finite, got {value!r}")
+    return float(value)
 
 
 def _parse(raw: Mapping[str, Any], src: Source) -> _Parsed:

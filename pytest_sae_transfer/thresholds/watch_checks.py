@@ -5,6 +5,7 @@ and the same ids planned from the profile alone for the gate's items (see
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
@@ -82,6 +83,59 @@ def _value(vectors: Mapping[str, Any], key: str, feature_id: int) -> float | Non
     return v if math.isfinite(v) else None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Watched:
+    """One watched feature's numbers on one finetune, as every bound's check reads them."""
+
+    name: str
+    dens_b: float | None
+    dens_f: float | None
+    fired_b: int | None
+    fired_f: int | None
+    min_firings: int
+
+    @property
+    def density_txt(self) -> str:
+        return f"density base {_fmt(self.dens_b)}, finetune {_fmt(self.dens_f)}"
+
+    def why_not_judged(self, kind: str, value: float | None) -> str | None:
+        """Why this feature's similarity cannot be judged, or None when it can."""
+        if self.dens_b is None or self.dens_f is None:
+            return "its densities are missing from the run (no per-feature vectors, or no evaluated tokens)"
+        if kind == "activation":
+            # A correlation over a handful of firings says nothing, whatever its value.
+            if self.dens_b == 0:
+                return "it is dead on the base: it never fired there"
+            if self.dens_f == 0:
+                return "it turned dead: it never fired on the finetune"
+            if self.fired_b is None or self.fired_f is None:
+                return "the run's token counts are missing, so its firings cannot be counted"
+            few = [(m, n) for m, n in (("base", self.fired_b), ("finetune", self.fired_f)) if n < self.min_firings]
+            if few:
+                said = " and ".join(f"{n} time{'' if n == 1 else 's'} on the {m}" for m, n in few)
+                return f"it fired only {said}, fewer than min_firings = {self.min_firings}"
+        if value is not None:
+            return None
+        for m, d in (("base", self.dens_b), ("finetune", self.dens_f)):
+            if d == 0:
+                return f"it is dead on the {m}, and the run records {kind} similarity for regular features only"
+            lg = math.log10(d + 1e-10)
+            if not -5.0 <= lg <= -1.0:
+                return (
+                    f"it is not a regular feature (log10 density {lg:.2f} on the {m} is outside [-5, -1]), "
+                    f"and the run records {kind} similarity for regular features only"
+                )
+        if kind == "activation":
+            return "its activation similarity is undefined (no variance on one model)"
+        return "the run recorded no logit similarity for it"
+
+
+def _firings(density: float | None, n: float | None) -> int | None:
+    if density is None or n is None or not math.isfinite(float(n)):
+        return None
+    return int(round(density * float(n)))
+
+
 def evaluate_feature(
     feature_id: int,
     label: str | None,
@@ -97,96 +151,60 @@ def evaluate_feature(
     ``vectors`` holds FEATURE_VECTOR_KEYS arrays (densities, similarities);
     ``n_tokens_*`` are the models' numbers of evaluated tokens (for firing counts).
     """
-    name = feature_name(feature_id, label)
     dens_b = _value(vectors, "density_base", feature_id)
     dens_f = _value(vectors, "density_finetune", feature_id)
-    density_txt = f"density base {_fmt(dens_b)}, finetune {_fmt(dens_f)}"
-
-    def firings(density: float | None, n: float | None) -> int | None:
-        if density is None or n is None or not math.isfinite(float(n)):
-            return None
-        return int(round(density * float(n)))
-
-    fired_b, fired_f = firings(dens_b, n_tokens_base), firings(dens_f, n_tokens_finetune)
-
-    def why_not_judged(kind: str, value: float | None) -> str | None:
-        """Why this feature's similarity cannot be judged, or None when it can."""
-        if dens_b is None or dens_f is None:
-            return "its densities are missing from the run (no per-feature vectors, or no evaluated tokens)"
-        if kind == "activation":
-            # A correlation over a handful of firings says nothing, whatever its value.
-            if dens_b == 0:
-                return "it is dead on the base: it never fired there"
-            if dens_f == 0:
-                return "it turned dead: it never fired on the finetune"
-            if fired_b is None or fired_f is None:
-                return "the run's token counts are missing, so its firings cannot be counted"
-            few = [(m, n) for m, n in (("base", fired_b), ("finetune", fired_f)) if n < min_firings]
-            if few:
-                said = " and ".join(f"{n} time{'' if n == 1 else 's'} on the {m}" for m, n in few)
-                return f"it fired only {said}, fewer than min_firings = {min_firings}"
-        if value is not None:
-            return None
-        for m, d in (("base", dens_b), ("finetune", dens_f)):
-            if d == 0:
-                return f"it is dead on the {m}, and the run records {kind} similarity for regular features only"
-            lg = math.log10(d + 1e-10)
-            if not -5.0 <= lg <= -1.0:
-                return (
-                    f"it is not a regular feature (log10 density {lg:.2f} on the {m} is outside [-5, -1]), "
-                    f"and the run records {kind} similarity for regular features only"
-                )
-        if kind == "activation":
-            return "its activation similarity is undefined (no variance on one model)"
-        return "the run recorded no logit similarity for it"
-
+    f = _Watched(feature_name(feature_id, label), dens_b, dens_f, _firings(dens_b, n_tokens_base),
+                 _firings(dens_f, n_tokens_finetune), min_firings)
     out: list[CheckResult] = []
     for key, bound in bounds:
         if not _is_checked(key, bound):
             continue
         quantity, op = WATCH_BOUNDS[key]
-        cid = _check_id(name, key, bound)
-        metric = _metric(feature_id, key)
-
-        def result(passed: bool, value: float | None, message: str, shown_bound: float, shown_op: str = op,
-                   cid: str = cid, metric: str = metric) -> CheckResult:
-            return CheckResult(id=cid, metric=metric, op=shown_op, bound=shown_bound, value=value,
-                               passed=passed, severity=severity, message=message)
-
+        base = CheckResult(id=_check_id(f.name, key, bound), metric=_metric(feature_id, key), op=op, bound=bound,
+                           value=None, passed=False, severity=severity)
         if key == "must_stay_alive":
-            if dens_b is None or dens_f is None:
-                out.append(result(False, None, f"cannot judge whether {name} stays alive: its densities are missing "
-                                  "from the run", 0.0, ">"))
-            elif dens_b == 0:
-                out.append(result(False, dens_f, f"cannot judge whether {name} stays alive: it is dead on the base "
-                                  f"(it never fired there), so there is nothing to stay alive ({density_txt})", 0.0, ">"))
-            else:
-                ok = dens_f > 0
-                verdict = "stays alive" if ok else "turned dead: it never fired on the finetune"
-                out.append(result(ok, dens_f, f"{name} {verdict} ({density_txt})", 0.0, ">"))
-            continue
-        if quantity == "density_ratio":
-            if dens_b is None or dens_f is None or dens_b == 0:
-                why = "it is dead on the base, so the ratio is undefined" if dens_b == 0 else "its densities are missing from the run"
-                out.append(result(False, None, f"cannot judge {name} density ratio: {why} ({density_txt})", bound))
-                continue
-            ratio = dens_f / dens_b
-            ok = ratio <= bound if op == "<=" else ratio >= bound
-            rel = ("<=" if ok else ">") if op == "<=" else (">=" if ok else "<")
-            side = "max" if op == "<=" else "min"
-            v, b = _fmt_vs(ratio, bound)
-            out.append(result(ok, ratio, f"{name} density ratio finetune/base = {v} {rel} {side} {b} ({density_txt})", bound))
-            continue
-        kind = "activation" if quantity == "activation_similarity" else "logit"
-        value = _value(vectors, quantity, feature_id)
-        why = why_not_judged(kind, value)
-        if why is not None or value is None:
-            out.append(result(False, None, f"cannot judge {name} {kind} similarity: {why} ({density_txt})", bound))
-            continue
-        ok = value >= bound
-        v, b = _fmt_vs(value, bound)
-        out.append(result(ok, value, f"{name} {kind} similarity = {v} {'>=' if ok else '<'} min {b} ({density_txt})", bound))
+            out.append(_stays_alive(f, base))
+        elif quantity == "density_ratio":
+            out.append(_density_ratio(f, base, bound, op))
+        else:
+            out.append(_similarity(f, base, bound, "activation" if quantity == "activation_similarity" else "logit",
+                                   _value(vectors, quantity, feature_id)))
     return out
+
+
+def _stays_alive(f: _Watched, base: CheckResult) -> CheckResult:
+    check = dataclasses.replace(base, op=">", bound=0.0)
+    if f.dens_b is None or f.dens_f is None:
+        return dataclasses.replace(check, message=f"cannot judge whether {f.name} stays alive: its densities are missing from the run")
+    if f.dens_b == 0:
+        return dataclasses.replace(check, value=f.dens_f, message=(
+            f"cannot judge whether {f.name} stays alive: it is dead on the base (it never fired there), so there is "
+            f"nothing to stay alive ({f.density_txt})"))
+    ok = f.dens_f > 0
+    verdict = "stays alive" if ok else "turned dead: it never fired on the finetune"
+    return dataclasses.replace(check, value=f.dens_f, passed=ok, message=f"{f.name} {verdict} ({f.density_txt})")
+
+
+def _density_ratio(f: _Watched, base: CheckResult, bound: float, op: str) -> CheckResult:
+    if f.dens_b is None or f.dens_f is None or f.dens_b == 0:
+        why = "it is dead on the base, so the ratio is undefined" if f.dens_b == 0 else "its densities are missing from the run"
+        return dataclasses.replace(base, message=f"cannot judge {f.name} density ratio: {why} ({f.density_txt})")
+    ratio = f.dens_f / f.dens_b
+    ok = ratio <= bound if op == "<=" else ratio >= bound
+    rel = ("<=" if ok else ">") if op == "<=" else (">=" if ok else "<")
+    v, b = _fmt_vs(ratio, bound)
+    message = f"{f.name} density ratio finetune/base = {v} {rel} {'max' if op == '<=' else 'min'} {b} ({f.density_txt})"
+    return dataclasses.replace(base, value=ratio, passed=ok, message=message)
+
+
+def _similarity(f: _Watched, base: CheckResult, bound: float, kind: str, value: float | None) -> CheckResult:
+    why = f.why_not_judged(kind, value)
+    if why is not None or value is None:
+        return dataclasses.replace(base, message=f"cannot judge {f.name} {kind} similarity: {why} ({f.density_txt})")
+    ok = value >= bound
+    v, b = _fmt_vs(value, bound)
+    message = f"{f.name} {kind} similarity = {v} {'>=' if ok else '<'} min {b} ({f.density_txt})"
+    return dataclasses.replace(base, value=value, passed=ok, message=message)
 
 
 def evaluated_tokens(metrics: Mapping[str, Any]) -> float | None:
