@@ -641,3 +641,21 @@ def test_atomic_write_removes_stale_temporaries_of_a_killed_writer(tmp_path: Pat
     assert (tmp_path / "r.json").read_text(encoding="utf-8") == "{}"
     assert not stale.exists()
     assert live.exists() and other.exists()
+
+
+def test_plots_drawn_from_the_same_numbers_are_kept(report: TransferReport, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-run with the same numbers (a threshold edit) redraws nothing; changed numbers redraw."""
+    first = plots.make_all_plots(report, tmp_path)
+    assert first
+    from matplotlib.figure import Figure
+
+    calls = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    report.finetune(BAD).checks = []  # checks do not enter the pictures
+    assert plots.make_all_plots(report, tmp_path) == first and calls == []
+    report.finetune(BAD).paired["resid_cosine_mean"] = 0.123  # the numbers do
+    again = plots.make_all_plots(report, tmp_path)
+    assert set(again) == set(first)
+    assert len(calls) == sum(1 for name in first if name.startswith(f"{BAD}/"))

@@ -33,12 +33,15 @@ kind                             what it shows
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import warnings
 from pathlib import Path
 from typing import Callable
 
 from ...report import TransferReport
+from .common import DRAWN_FROM, drawn_from
 from .features import (
     plot_activation_similarity_hist,
     plot_dead_activation_error_hist,
@@ -113,6 +116,10 @@ def finetune_slugs(report: TransferReport) -> dict[str, str]:
     return out
 
 
+#: Bump when a plot's drawing changes, so that pictures kept from an earlier run are redrawn.
+PLOTS_VERSION = "1"
+
+
 def make_all_plots(report: TransferReport, out_dir: str | Path, *, strict: bool = True) -> dict[str, Path]:
     """Draw every plot the report has data for into ``out_dir``.
 
@@ -120,22 +127,50 @@ def make_all_plots(report: TransferReport, out_dir: str | Path, *, strict: bool 
     order, kinds in :data:`FINETUNE_PLOTS` order); skipped plots are absent.
     With ``strict=False`` a plot that raises is skipped with a ``RuntimeWarning``
     instead of aborting the others (what the pytest plugin wants at session end).
+
+    A finetune's pictures depend on its numbers only, not on the checks. Each PNG records
+    a digest of the numbers it was drawn from; when ``out_dir`` already holds one drawn
+    from the same numbers it is kept, so a re-run after a threshold edit redraws nothing.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     slugs = finetune_slugs(report)
     made: dict[str, Path] = {}
     for ft in report.finetunes:
-        for kind, fn in FINETUNE_PLOTS.items():
-            try:
-                path = fn(report, ft.model, out_dir / plot_filename(slugs[ft.model], kind))
-            except Exception as exc:
-                if strict:
-                    raise
-                warnings.warn(f"pytest-sae-transfer: plot {ft.model}/{kind} failed: {exc!r}",
-                              RuntimeWarning, stacklevel=2)
-                continue
-            if path is not None:
-                made[f"{ft.model}/{kind}"] = path
+        digest = _plot_digest(report, ft.model)
+        token = DRAWN_FROM.set(digest)
+        try:
+            for kind, fn in FINETUNE_PLOTS.items():
+                target = out_dir / plot_filename(slugs[ft.model], kind)
+                try:
+                    path = target if drawn_from(target) == digest else fn(report, ft.model, target)
+                except Exception as exc:
+                    if strict:
+                        raise
+                    warnings.warn(f"pytest-sae-transfer: plot {ft.model}/{kind} failed: {exc!r}",
+                                  RuntimeWarning, stacklevel=2)
+                    continue
+                if path is not None:
+                    made[f"{ft.model}/{kind}"] = path
+        finally:
+            DRAWN_FROM.reset(token)
     return made
 
+
+def _plot_digest(report: TransferReport, ft: str) -> str:
+    """A digest of everything a finetune's plots are drawn from (numbers, names, the hook)."""
+    import numpy as np
+
+    h = hashlib.sha256(PLOTS_VERSION.encode())
+    entry = report.finetune(ft)
+    for part in (report.base.model, ft, str(report.config.get("hook_name")), entry.paired, entry.metrics, report.base.metrics):
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    features = report.features
+    if features is not None:
+        for key, arr in sorted((features.vectors.get(ft) or {}).items()):
+            h.update(key.encode())
+            h.update(np.ascontiguousarray(np.asarray(arr, dtype=np.float64)).tobytes())
+        for name in sorted(n for n in features.histograms if n.startswith((f"{ft}/", "base/"))):
+            for part in ("edges", "counts"):
+                h.update(np.ascontiguousarray(np.asarray(features.histograms[name][part], dtype=np.float64)).tobytes())
+    return h.hexdigest()

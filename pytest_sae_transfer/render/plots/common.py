@@ -3,6 +3,8 @@ report's vectors, histograms and per-position lines (None when absent or malform
 
 from __future__ import annotations
 
+import contextvars
+
 import math
 from pathlib import Path
 from typing import Any
@@ -39,10 +41,29 @@ def new_figure(figsize: tuple[float, float] = FIGSIZE) -> Any:
     return fig
 
 
+#: The digest of the numbers the plots being drawn come from (set by ``make_all_plots``):
+#: written into each PNG, so that a later run drawing from the same numbers can keep it.
+DRAWN_FROM: contextvars.ContextVar[str | None] = contextvars.ContextVar("sae_transfer_drawn_from", default=None)
+DIGEST_KEY = "pytest-sae-transfer:drawn-from"
+
+
 def save_png(fig: Any, path: str | Path) -> Path:
     path = Path(path)
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI), binary=True)
+    digest = DRAWN_FROM.get()
+    metadata = {DIGEST_KEY: digest} if digest else None
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI, metadata=metadata), binary=True)
     return path
+
+
+def drawn_from(path: Path) -> str | None:
+    """The digest a PNG written by :func:`save_png` records, or None (no file, no digest, unreadable)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.text.get(DIGEST_KEY)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - anything unreadable is simply redrawn
+        return None
 
 
 def short_name(name: str, n: int = 40) -> str:
