@@ -262,6 +262,9 @@ def numpy_reference(case: dict[str, Any]) -> dict[str, Any]:
     log_b = np.log10(ref["base.density"] + LOG_EPS)
     log_f = np.log10(ref["ft.density"] + LOG_EPS)
     ref["density_log10_pearson"] = float(np.corrcoef(log_b, log_f)[0, 1])
+    # resolved: every log density floored at half a firing in the base's evaluated tokens
+    floor = np.log10(0.5 / int(mask.sum()))
+    ref["density_log10_pearson_resolved"] = float(np.corrcoef(np.maximum(log_b, floor), np.maximum(log_f, floor))[0, 1])
     dead_b, dead_f = ref["base.density"] == 0, ref["ft.density"] == 0
     ref["n_dead_base_only"] = int((dead_b & ~dead_f).sum())
     ref["n_dead_finetune_only"] = int((~dead_b & dead_f).sum())
@@ -375,7 +378,7 @@ def check_against_numpy(case: dict[str, Any], report: Any) -> None:
     assert ref["n_regular_features"] >= 5, "test case too degenerate: too few regular features"
 
     for key in (
-        "density_log10_pearson", "resid_cosine_mean", "resid_euclidean_mean",
+        "density_log10_pearson", "density_log10_pearson_resolved", "resid_cosine_mean", "resid_euclidean_mean",
         "activation_similarity_mean", "activation_similarity_median", "activation_similarity_frac_above_0_8",
         "logit_similarity_mean", "logit_similarity_median",
         "dead_activation_error_base_only_mean", "dead_activation_error_finetune_only_mean",

@@ -24,7 +24,7 @@ BASE = {"l0": 48.95, "ce_loss_delta": 0.074, "ce_loss_recovered": 0.978, "kl_div
 CODE = {"l0": 91.36, "ce_loss_delta": 0.274, "ce_loss_recovered": 0.922, "kl_div_spliced": 0.429,
         "explained_variance": 0.458, "r2_pooled": 0.610, "dense_fraction": 0.323, "nonfinite_fraction": 0.0,
         "nonfinite_loss_fraction": 0.0}
-CODE_PAIRED = {"feature_transfer_rate": 0.06, "activation_similarity_mean": 0.504, "density_log10_pearson": 0.588,
+CODE_PAIRED = {"feature_transfer_rate": 0.06, "activation_similarity_mean": 0.504, "density_log10_pearson": 0.588, "density_log10_pearson_resolved": 0.588,
                "dead_shift_fraction": 0.0, "dense_shift_fraction": 0.318, "logit_similarity_mean": 0.804,
                "resid_cosine_mean": 0.7227}
 
@@ -88,7 +88,7 @@ def test_an_interval_end_is_said_to_be_one():
 
 def test_a_pass_with_a_weak_sae_warns_about_the_sae():
     weak = dict(BASE, ce_loss_recovered=0.62, explained_variance=0.31, ce_loss_delta=0.6)
-    same = {"feature_transfer_rate": 1.0, "activation_similarity_mean": 1.0, "density_log10_pearson": 1.0,
+    same = {"feature_transfer_rate": 1.0, "activation_similarity_mean": 1.0, "density_log10_pearson": 1.0, "density_log10_pearson_resolved": 1.0,
             "dead_shift_fraction": 0.0, "dense_shift_fraction": 0.0, "logit_similarity_mean": 1.0, "resid_cosine_mean": 1.0}
     checks = _checks(base=weak, ft=dict(weak), paired=same)
     result = FinetuneResult(model="toy-base-copy", metrics=dict(weak), checks=checks)
@@ -105,7 +105,7 @@ def test_a_pass_with_a_weak_sae_warns_about_the_sae():
 
 def test_undefined_feature_statistics_warn_apart():
     paired = dict(CODE_PAIRED, feature_transfer_rate=None, activation_similarity_mean=None, resid_cosine_mean=0.99,
-                  logit_similarity_mean=0.99, density_log10_pearson=0.9, dense_shift_fraction=0.0)
+                  logit_similarity_mean=0.99, density_log10_pearson=0.9, density_log10_pearson_resolved=0.9, dense_shift_fraction=0.0)
     checks = evaluate_pair(load_profile("default"), BASE, dict(BASE), paired)
     text = explain_verdict([c for c in checks if c.metric.startswith("paired.")], "b", "f")
     assert text.status == "PASS"

@@ -41,7 +41,7 @@ _metric = st.floats(min_value=-50, max_value=50, allow_nan=False, allow_infinity
 _fraction = st.floats(min_value=0, max_value=1, allow_nan=False)
 
 #: Paired values of a finetune identical to its base.
-IDENTITY_PAIRED = {"resid_cosine_mean": 1.0, "activation_similarity_mean": 1.0, "density_log10_pearson": 1.0,
+IDENTITY_PAIRED = {"resid_cosine_mean": 1.0, "activation_similarity_mean": 1.0, "density_log10_pearson": 1.0, "density_log10_pearson_resolved": 1.0,
                    "dead_shift_fraction": 0.0, "dense_shift_fraction": 0.0, "feature_transfer_rate": 1.0,
                    "logit_similarity_mean": 1.0}
 
@@ -96,7 +96,7 @@ def test_default_profile_judges_transfer_not_the_sae():
     assert {
         "finetune.ce_loss_delta", "finetune.kl_div_spliced", "finetune.explained_variance",
         "finetune.r2_pooled", "finetune.l0", "paired.feature_transfer_rate", "paired.dense_shift_fraction",
-        "paired.dead_shift_fraction", "paired.activation_similarity_mean", "paired.density_log10_pearson",
+        "paired.dead_shift_fraction", "paired.activation_similarity_mean", "paired.density_log10_pearson_resolved",
         "finetune.nonfinite_fraction", "base.nonfinite_fraction", "base.ce_loss_recovered", "paired.resid_cosine_mean",
     } <= keys
     for spec in profile.checks:
@@ -125,7 +125,7 @@ def test_default_profile_judges_transfer_not_the_sae():
             if point in b:
                 assert twin in b, (spec.key, twin)
                 assert (b[twin] > b[point]) if twin.startswith("max") else (b[twin] < b[point]), (spec.key, twin)
-    for key in ("paired.feature_transfer_rate", "paired.activation_similarity_mean", "paired.density_log10_pearson"):
+    for key in ("paired.feature_transfer_rate", "paired.activation_similarity_mean", "paired.density_log10_pearson_resolved"):
         assert profile.check(key).if_undefined == "warn", key
     assert profile.check("paired.logit_similarity_mean").severity == "warn"
     assert dict(profile.settings) == {}
@@ -266,7 +266,7 @@ severity = "warn"
     assert profile.description == "gate for finetunes of the toy zoo"
     assert profile.check("finetune.explained_variance").bounds == (("min", 0.5), ("min_ci_low", 0.45))
     assert profile.check("paired.activation_similarity_mean").severity == "warn"
-    assert profile.check("paired.density_log10_pearson") == load_profile("default").check("paired.density_log10_pearson")
+    assert profile.check("paired.density_log10_pearson_resolved") == load_profile("default").check("paired.density_log10_pearson_resolved")
 
 
 def test_extends_cycles(tmp_path):
@@ -849,6 +849,7 @@ def test_default_gate_on_a_full_report_with_nonfinite():
         resid_cosine_mean=0.97,
         activation_similarity_mean=0.9,
         density_log10_pearson=0.95,
+        density_log10_pearson_resolved=0.95,
         dead_shift_fraction=0.01,
         dense_shift_fraction=0.02,
         feature_transfer_rate=0.9,

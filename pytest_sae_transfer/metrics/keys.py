@@ -66,7 +66,12 @@ PAIRED_METRIC_KEYS: tuple[str, ...] = (
 #: * ``n_dense_base_only`` / ``n_dense_finetune_only``: features dense (density above
 #:   ``DENSE_DENSITY``) in one model only; ``dense_shift_fraction`` is their sum over d_sae,
 #:   the dense counterpart of ``dead_shift_fraction``.
+#: * ``density_log10_pearson_resolved``: ``density_log10_pearson`` with every log density
+#:   floored at the sample's resolution, log10(0.5 / n_tokens): a feature that never fired
+#:   in n tokens has a density somewhere below 1/n, not at 1e-10, so one rare feature seen
+#:   in one model and not the other no longer decides the correlation.
 PAIRED_EXTRA_KEYS: tuple[str, ...] = (
+    "density_log10_pearson_resolved",
     "n_regular_base",
     "n_transferred",
     "feature_transfer_rate",

@@ -102,6 +102,9 @@ def paired_metrics(
         return float(mean_log_err[mask].mean()) if bool(mask.any()) and pair.n > 0 else None
 
     density_r = rowwise_pearson(log_b.unsqueeze(0), log_f.unsqueeze(0))[0]
+    # The sample's resolution: below half a firing in n tokens a density is not measured.
+    floor = math.log10(0.5 / max(base_n_eval, 1.0))
+    resolved_r = rowwise_pearson(log_b.clamp_min(floor).unsqueeze(0), log_f.clamp_min(floor).unsqueeze(0))[0]
     paired: dict[str, Any] = {
         **_residual(pair),
         "density_log10_pearson": float(density_r) if math.isfinite(float(density_r)) else None,
@@ -122,6 +125,7 @@ def paired_metrics(
         "weight_deviation": weights_part["weight_deviation"],
         "n_shared_vocab": int(weights_part["n_shared_vocab"]),
     }
+    paired["density_log10_pearson_resolved"] = float(resolved_r) if math.isfinite(float(resolved_r)) else None
     paired.update(feature_transfer(log_b, log_f, dens_b, dens_f, act_sim_all))
     vectors = {
         "density_base": dens_b.numpy(),

@@ -45,6 +45,7 @@ GLOSSARY: dict[str, str] = {
     "n_shared_vocab": "Vocabulary rows the weight-based metrics use: the smaller of the two models' vocabularies.",
     # -- paired: features
     "density_log10_pearson": "Correlation over all features of log10 firing density on the base and on the finetune.",
+    "density_log10_pearson_resolved": "The same correlation with log densities floored at half a firing in the sample (what it can resolve).",
     "n_dead_base_only": "Features dead on the base but alive on the finetune (turned alive).",
     "n_dead_finetune_only": "Features alive on the base but dead on the finetune (turned dead).",
     "n_dead_both": "Features dead on both models.",

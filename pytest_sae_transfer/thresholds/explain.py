@@ -110,6 +110,7 @@ _VALUE_PHRASES: dict[str, _Phrase] = {
     "activation_similarity_median": lambda v, than, base: f"keeps its features' activations at a median correlation of only {_num(v)} with {base}",
     "activation_similarity_frac_above_0_8": lambda v, than, base: f"keeps only {_pct(v)} of its shared features above 0.8 activation similarity",
     "density_log10_pearson": lambda v, than, base: f"keeps its feature densities at a correlation of only {_num(v)} with {base}",
+    "density_log10_pearson_resolved": lambda v, than, base: f"keeps its feature densities at a correlation of only {_num(v)} with {base}",
     "dead_shift_fraction": lambda v, than, base: f"sees {_pct(v)} of its features turn dead or alive",
     "dense_shift_fraction": lambda v, than, base: f"sees {_pct(v)} of its features turn dense or stop being dense",
     "logit_similarity_mean": lambda v, than, base: f"keeps a mean logit similarity of only {_num(v)}",

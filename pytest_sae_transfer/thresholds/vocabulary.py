@@ -64,6 +64,7 @@ METRIC_FAMILY: Mapping[str, str] = types.MappingProxyType(
         "n_regular_base": "features",
         "n_transferred": "features",
         "feature_transfer_rate": "features",
+        "density_log10_pearson_resolved": "features",
         "n_dense_base_only": "features",
         "n_dense_finetune_only": "features",
         "dense_shift_fraction": "features",
