@@ -83,6 +83,9 @@ class FinetuneResult(ModelResult):
     #: Paired bootstrap intervals of finetune − base and finetune / base, per metric key.
     delta_ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     ratio_ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    #: Ids of the profile's checks that this run did not select (-k, -m, --deselect): in
+    #: neither ``checks`` nor the verdict.
+    deselected: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool | None:
@@ -101,6 +104,7 @@ class FinetuneResult(ModelResult):
                     "delta_ci95": self.delta_ci95,
                     "ratio_ci95": self.ratio_ci95,
                     "checks": [c.to_json() for c in self.checks],
+                    "deselected": list(self.deselected),
                     "passed": self.passed,
                 }
             )
@@ -119,5 +123,6 @@ class FinetuneResult(ModelResult):
             checks=[CheckResult.from_json(c) for c in data.get("checks", [])],
             delta_ci95={k: list(v) for k, v in (data.get("delta_ci95") or {}).items()},
             ratio_ci95={k: list(v) for k, v in (data.get("ratio_ci95") or {}).items()},
+            deselected=list(data.get("deselected") or []),
         )
 
