@@ -200,10 +200,10 @@ class PluginState:
         planned = {check_id for check_id, _, _ in planned_checks(self.profile)}
         for sae_report in report.saes:
             for ft in sae_report.finetunes:
-                def chosen(check_id: str) -> bool:
-                    return check_id not in planned or (ft.model, sae_report.sae_key, check_id) in self.selected  # type: ignore[operator]
-                ft.deselected = [c.id for c in ft.checks if not chosen(c.id)]
-                ft.checks = [c for c in ft.checks if chosen(c.id)]
+                ran = {check for name, key, check in self.selected if name == ft.model and key == sae_report.sae_key}
+                left_out = planned - ran  # a check that is no gate item (none today) stays judged
+                ft.deselected = [c.id for c in ft.checks if c.id in left_out]
+                ft.checks = [c for c in ft.checks if c.id not in left_out]
 
     def no_finetune_hint(self, exitstatus: int) -> str | None:
         """A one-line hint when an SAE is named but nothing (no finetune, no fixture test) uses it."""
