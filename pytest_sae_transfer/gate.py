@@ -3,14 +3,22 @@
 Items are created from the threshold profile and the SAEs' names alone, so
 collection needs no model. An item's id reads ``toy-code::finetune.ce_loss_delta<=0.5``
 with one SAE, and ``toy-code::blocks.2.hook_resid_post::finetune.ce_loss_delta<=0.5``
-when the run gates several (``-k blocks.2`` then selects an SAE).
+when the run gates several (``-k blocks.2`` then selects an SAE). ``toy-code`` is the
+finetune's label (``--finetune LABEL=MODEL``, or a path's directory name).
+
+Each finetune is a collector the session collects like any other (so pytest counts,
+deselects and lists its items as it does test files'), and ids are the same with and
+without xdist. A warn-severity check that does not hold is a warning located at its
+table in the threshold file, not at a line of this module.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,15 +50,11 @@ class GateCollector(pytest.Collector):
 
     def collect(self) -> list[pytest.Item]:
         items = []
-        # Under xdist --dist loadgroup (which the plugin sets for plain -n), one worker owns
-        # each finetune's items. xdist reads the group from a "@group" nodeid suffix; its own
-        # rewrite of xdist_group marks runs before these items exist, so it is applied here.
-        group = f"@sae-transfer-{self.finetune}" if getattr(self.config.option, "loadgroup", False) else ""
         several = len(self.sae_keys) > 1
         for sae_key in self.sae_keys:
             for check_id, metric, severity in self.planned:
                 name = f"{sae_key}::{_item_name(check_id)}" if several else _item_name(check_id)
-                items.append(GateItem.from_parent(self, name=name, nodeid=f"{self.nodeid}::{name}{group}", finetune=self.finetune,
+                items.append(GateItem.from_parent(self, name=name, nodeid=f"{self.nodeid}::{name}", finetune=self.finetune,
                                                   sae_key=sae_key, check_id=check_id, metric=metric, severity=severity))
         return items
 
@@ -75,7 +79,8 @@ class GateItem(pytest.Item):
         if check.passed:
             return
         if check.severity == "warn":
-            warnings.warn(SAETransferWarning(f"{self.finetune}: {check.message}"), stacklevel=1)
+            filename, lineno = check_location(self.config.stash[STATE_KEY].profile, self.metric)
+            warnings.warn_explicit(SAETransferWarning(f"{self.finetune}: {check.message}"), SAETransferWarning, filename, lineno)
             return
         raise GateFailure(check.message)
 
@@ -118,20 +123,65 @@ def _properties(check: CheckResult) -> dict[str, Any]:
     return props
 
 
-def gate_items(session: pytest.Session, finetunes: tuple[str, ...], sae_keys: list[str], profile: Profile) -> list[pytest.Item]:
-    """Every (finetune, SAE)'s gate items, from the profile's planned checks."""
+def check_location(profile: Profile | None, metric: str) -> tuple[str, int]:
+    """Where a check is written: its ``[scope.metric]`` table in the threshold file it came from
+    (shown relative to the working directory when it is under it)."""
+    spec = profile.check(metric) if profile is not None else None
+    source = (spec.source if spec is not None and spec.source else None) or (profile.path if profile is not None else None)
+    if not source:
+        return f"<threshold profile: {metric}>", 1
+    lineno = 1
+    try:
+        for i, line in enumerate(Path(source).read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip().replace(" ", "").startswith(f"[{metric}]"):
+                lineno = i
+                break
+    except OSError:
+        pass
+    try:
+        shown = os.path.relpath(source)
+        source = shown if not shown.startswith("..") else source
+    except ValueError:
+        pass
+    return source, lineno
+
+
+def gate_collectors(session: pytest.Session, finetunes: tuple[str, ...], sae_keys: list[str], profile: Profile) -> list[GateCollector]:
+    """One collector per finetune, holding its (SAE, check) items, from the profile's planned checks."""
     planned = planned_checks(profile)
-    config = session.config
-    # Rooted at the invocation directory, so pytest shows "toy-code::..." wherever it runs
-    # (it prints nodeids relative to the working directory, not to the rootdir).
+    prefix = nodeid_prefix(session.config)
+    return [GateCollector.from_parent(session, name=finetune, nodeid=prefix + finetune, finetune=finetune,
+                                      sae_keys=sae_keys, planned=planned) for finetune in finetunes]
+
+
+def nodeid_prefix(config: pytest.Config) -> str:
+    """Gate nodeids are rooted at the invocation directory, so pytest shows "toy-code::..."
+    wherever it runs (it prints nodeids relative to the working directory, not to the rootdir)."""
     try:
         here = config.invocation_params.dir.resolve().relative_to(config.rootpath.resolve()).as_posix()
     except ValueError:
         here = "."
-    prefix = "" if here == "." else here + "/"
-    items: list[pytest.Item] = []
-    for finetune in finetunes:
-        collector = GateCollector.from_parent(session, name=finetune, nodeid=prefix + finetune, finetune=finetune,
-                                              sae_keys=sae_keys, planned=planned)
-        items.extend(collector.collect())
-    return items
+    return "" if here == "." else here + "/"
+
+
+def planned_ids(finetunes: tuple[str, ...], sae_keys: list[str], profile: Profile) -> set[tuple[str, str, str]]:
+    """(finetune, SAE key, check id) of every gate item the run collects."""
+    planned = planned_checks(profile)
+    return {(ft, key, check_id) for ft in finetunes for key in sae_keys for check_id, _, _ in planned}
+
+
+def finetune_scheduler(config: pytest.Config, log: Any, scopes: set[str]) -> Any:
+    """xdist's ``--dist load``, except that one worker runs all of a finetune's gate items.
+
+    A finetune's items share one evaluation: on one worker it runs once, beside the other
+    workers' finetunes. ``scopes`` are the finetune collectors' nodeids; every other test is
+    its own scope (as under ``load``). Nodeids are left as they are, so ``-n`` changes no id.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FinetuneScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            head = nodeid.split("::", 1)[0]
+            return head if head in scopes else nodeid
+
+    return FinetuneScheduling(config, log)

@@ -13,8 +13,8 @@ import pytest
 
 from . import config as config_mod
 from .errors import InputError
-from .gate import SKIP_NO_FINETUNE, GateItem, gate_items
-from .loading import plan_sae_keys
+from .gate import GateItem, finetune_scheduler, gate_collectors, nodeid_prefix
+from .loading import check_inputs, plan_sae_keys, zoo_typos
 from .state import STATE_KEY, PluginState, Target
 
 pytest.register_assert_rewrite("pytest_sae_transfer.assertions")
@@ -24,9 +24,10 @@ TARGET_FIXTURES = frozenset({"sae_transfer_config", "sae_transfer_session", "sae
                              "finetune_name", "finetune_model", "transfer_result"})
 
 MARKER_HELP = (
-    "sae_transfer(release=None, sae_id=None, sae_path=None, base_model=None, finetune=None, dataset=None, n_tokens=None, ...): "
-    "tie the test's sae-transfer fixtures (transfer_result, finetune_model, base_model, sae, sae_tokens) to this SAE and finetune(s) "
-    "instead of the command line's"
+    "sae_transfer(release=None, sae_id=None, sae_path=None, base_model=None, finetune=None, dataset=None, n_tokens=None, ..., "
+    "skip_if_unconfigured=False): tie the test's sae-transfer fixtures (transfer_result, finetune_model, base_model, sae, "
+    "sae_tokens) to this SAE and finetune(s) instead of the command line's. Without an SAE (or a finetune, for the fixtures "
+    "that need one) such a test is a usage error, unless skip_if_unconfigured=True skips it"
 )
 
 
@@ -48,48 +49,57 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     with _usage_errors():
         run_config = config_mod.resolve(config)
+        zoo_typos(run_config)  # a misspelt zoo name is said before any hub call
         config.stash[STATE_KEY] = PluginState(config, run_config)
-    if run_config.active:
-        _group_finetunes_per_worker(config)
-
-
-def _group_finetunes_per_worker(config: pytest.Config) -> None:
-    """Under xdist, let one worker own each finetune's gate items (their xdist_group marks).
-
-    Plain ``-n N`` means ``--dist load``; it becomes ``loadgroup`` on the controller, and
-    each worker, which rebuilds its options from the command line, turns its group marks
-    into scheduling groups. An explicit other ``--dist`` mode is left alone.
-    """
-    args = [str(a) for a in config.invocation_params.args]
-    explicit = None
-    for i, arg in enumerate(args):
-        if arg == "--dist" and i + 1 < len(args):
-            explicit = args[i + 1]
-        elif arg.startswith("--dist="):
-            explicit = arg.split("=", 1)[1]
-    if explicit not in (None, "load", "loadgroup"):
-        return
-    if hasattr(config, "workerinput"):
-        config.option.loadgroup = True
-    elif getattr(config.option, "dist", "no") == "load":
-        config.option.dist = "loadgroup"
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Append the gate's items (before -k/-m deselection sees them)."""
-    state = config.stash.get(STATE_KEY, None)
-    if state is not None and state.gate_active:
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under xdist the controller collects nothing: it checks the inputs' config files itself, so
+    that bad input is a usage error (exit 4) there too, before any worker loads anything."""
+    state = session.config.stash.get(STATE_KEY, None)
+    if state is not None and state.gate_active and state.is_xdist_controller and not session.config.option.collectonly:
+        assert state.run_config is not None
         with _usage_errors():
-            items.extend(gate_items(session, state.run_config.finetunes, state.sae_keys, state.profile))
+            check_inputs(state.run_config)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Any:
+    """The session collects one collector per finetune beside the test files, so pytest
+    counts, selects (-k, -m, --deselect) and lists the gate's items as any others."""
+    report = yield
+    if isinstance(collector, pytest.Session) and report.passed:
+        state = collector.config.stash.get(STATE_KEY, None)
+        if state is not None and state.gate_active:
+            assert state.run_config is not None and state.profile is not None
+            with _usage_errors():
+                report.result.extend(gate_collectors(collector, state.run_config.finetunes, state.sae_keys, state.profile))
+    return report
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under plain ``-n`` (xdist's ``--dist load``), one worker runs all of a finetune's gate items;
+    another ``--dist`` mode is left to xdist."""
+    state = config.stash.get(STATE_KEY, None)
+    if state is None or not state.gate_active or config.getvalue("dist") != "load":
+        return None
+    assert state.run_config is not None
+    prefix = nodeid_prefix(config)
+    return finetune_scheduler(config, log, {prefix + ft for ft in state.run_config.finetunes})
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Serial runs load and evaluate here, before any test runs, so bad input is a usage error (exit 4)."""
     state = session.config.stash.get(STATE_KEY, None)
-    if state is None or not state.gate_active or state.is_worker:
+    if state is None:
         return
-    if session.config.option.collectonly or state.is_xdist_controller:
+    state.note_selection(session.items)
+    collect_only = session.config.option.collectonly
+    if not collect_only and not state.is_worker:
+        _refuse_unconfigured(session.items)
+    if not state.gate_active or state.is_worker or collect_only or state.is_xdist_controller:
         return
     wanted = list(dict.fromkeys(item.finetune for item in session.items if isinstance(item, GateItem)))
     if wanted:
@@ -114,34 +124,88 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     state = config.stash.get(STATE_KEY, None)
     if state is not None:
         state.write_summary(terminalreporter)
+        hint = state.no_finetune_hint(int(exitstatus))
+        if hint:
+            terminalreporter.write_line(hint, yellow=True, bold=True)
 
 
 # -- fixtures -------------------------------------------------------------------
 
 
+#: Fixtures that need a finetune besides the SAE.
+FINETUNE_FIXTURES = frozenset({"finetune_name", "finetune_model", "transfer_result"})
+
+SKIP_HINT = ("To skip such tests when nothing is configured instead, mark them "
+             "@pytest.mark.sae_transfer(skip_if_unconfigured=True).")
+
+
+NO_SAE = ("no SAE is configured: pass --sae-release NAME or --sae-path DIR (ini key sae_release / sae_path, environment "
+          "variable PYTEST_SAE_RELEASE / PYTEST_SAE_PATH), or mark the test @pytest.mark.sae_transfer(release=...)")
+NO_FINETUNE = ("no finetune is configured: pass --finetune NAME (ini key sae_finetunes, environment variable "
+               "PYTEST_SAE_FINETUNES), or mark the test @pytest.mark.sae_transfer(finetune=...)")
+
+
+def _missing(run_config: config_mod.RunConfig, fixturenames: list[str]) -> str | None:
+    """What a test's fixtures need that its configuration does not name, in words; None if nothing."""
+    if not run_config.has_sae:
+        return NO_SAE
+    if FINETUNE_FIXTURES.intersection(fixturenames) and not run_config.finetunes:
+        return NO_FINETUNE
+    return None
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Point a test's fixtures at its configuration, parametrized over its finetunes."""
+    """Point a test's fixtures at its configuration, parametrized over its finetunes.
+
+    The test's ``sae_transfer`` markers (module, class, function) are merged, the closest
+    winning. A test whose configuration lacks what its fixtures need is a usage error,
+    unless its marker says ``skip_if_unconfigured=True``."""
     if not TARGET_FIXTURES.intersection(metafunc.fixturenames):
         return
     state = metafunc.config.stash[STATE_KEY]
     base = state.run_config or config_mod.RunConfig()
-    marker = metafunc.definition.get_closest_marker("sae_transfer")
     where = f"{metafunc.definition.nodeid}: "
-    run_config = base
-    if marker is not None:
+    kwargs: dict[str, Any] = {}
+    for marker in reversed(list(metafunc.definition.iter_markers("sae_transfer"))):
         if marker.args:
             raise pytest.UsageError(f"{where}@pytest.mark.sae_transfer takes keyword arguments only (release=..., finetune=...)")
+        kwargs.update(marker.kwargs)
+    skip = kwargs.pop("skip_if_unconfigured", False)
+    if not isinstance(skip, bool):
+        raise pytest.UsageError(f"{where}@pytest.mark.sae_transfer(skip_if_unconfigured=...) takes True or False; got {skip!r}")
+    run_config = base
+    if kwargs:
         with _usage_errors():
-            run_config = config_mod.from_marker(base, dict(marker.kwargs), where)
+            run_config = config_mod.from_marker(base, kwargs, where)
+    missing = _missing(run_config, list(metafunc.fixturenames))
+    if missing is not None:
+        target = Target(-1, None, missing=missing, skip=skip)
+        metafunc.parametrize("_sae_transfer_target", [target], ids=["unconfigured"], indirect=True, scope="session")
+        return
     index = state.config_index(run_config)
     finetunes: list[str | None] = list(run_config.finetunes) or [None]
-    sae_keys: list[str | None] = [None]
-    if run_config.has_sae:
-        with _usage_errors():
-            sae_keys = list(plan_sae_keys(run_config.sae_release, run_config.sae_ids, run_config.sae_paths))
+    with _usage_errors():
+        sae_keys: list[str | None] = list(plan_sae_keys(run_config.sae_release, run_config.sae_ids, run_config.sae_paths))
     several = len(sae_keys) > 1
     targets = [Target(index, ft, key, several) for ft in finetunes for key in sae_keys]
     metafunc.parametrize("_sae_transfer_target", targets, ids=[repr(t) for t in targets], indirect=True, scope="session")
+
+
+def _refuse_unconfigured(items: list[pytest.Item]) -> None:
+    """Selected tests whose fixtures lack their configuration: one usage error naming the option."""
+    by_reason: dict[str, list[str]] = {}
+    for item in items:
+        target = getattr(getattr(item, "callspec", None), "params", {}).get("_sae_transfer_target")
+        if isinstance(target, Target) and target.missing and not target.skip:
+            by_reason.setdefault(target.missing, []).append(item.nodeid)
+    if not by_reason:
+        return
+    parts = []
+    for reason, ids in by_reason.items():
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        parts.append(f"{len(ids)} test{'s' if len(ids) > 1 else ''} use{'' if len(ids) > 1 else 's'} the sae-transfer fixtures, "
+                     f"but {reason} ({shown}).")
+    raise pytest.UsageError(" ".join(parts) + " " + SKIP_HINT)
 
 
 def _state(request: pytest.FixtureRequest) -> PluginState:
@@ -166,9 +230,12 @@ def _sae_transfer_target(request: pytest.FixtureRequest) -> Target:
 def sae_transfer_session(request: pytest.FixtureRequest, _sae_transfer_target: Target) -> Any:
     """The TransferSession behind this test's configuration."""
     state = _state(request)
-    if not state.configs[_sae_transfer_target.config_index].has_sae:
-        pytest.skip("no SAE configured: pass --sae-release NAME or --sae-path DIR, or use @pytest.mark.sae_transfer(release=...)")
-    return _call(lambda: state.session(_sae_transfer_target.config_index))
+    target = _sae_transfer_target
+    if target.missing:
+        if target.skip:
+            pytest.skip(target.missing)
+        pytest.fail(f"{target.missing}. {SKIP_HINT}", pytrace=False)  # reached under xdist, where collection cannot refuse
+    return _call(lambda: state.session(target.config_index))
 
 
 @pytest.fixture(scope="session")
@@ -198,8 +265,9 @@ def sae_tokens(sae_transfer_session: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def finetune_name(_sae_transfer_target: Target) -> str:
+    """The finetune's label (its name in test ids and reports)."""
     if _sae_transfer_target.finetune is None:
-        pytest.skip(SKIP_NO_FINETUNE)
+        pytest.fail(f"{NO_FINETUNE}. {SKIP_HINT}", pytrace=False)
     return _sae_transfer_target.finetune
 
 

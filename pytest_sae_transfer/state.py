@@ -24,7 +24,7 @@ import pytest
 from .config import RunConfig
 from .loading import plan_sae_keys
 from .report import FeatureArrays, RunReport, TransferReport
-from .thresholds import Profile, load_profile, profile_for_release
+from .thresholds import Profile, load_profile, planned_checks, profile_for_release
 from .thresholds.watchlist import add_watch_ids, parse_feature_ids
 
 
@@ -32,14 +32,19 @@ from .thresholds.watchlist import add_watch_ids, parse_feature_ids
 class Target:
     """What a test's fixtures point at: a configuration, (maybe) one finetune, and one of its
     SAEs (``sae_key``; None: the configuration's first). ``several``: the configuration has
-    more than one SAE, so the test id names it."""
+    more than one SAE, so the test id names it. ``missing``: what the configuration lacks
+    for the test's fixtures (then ``skip`` says whether the test asked to be skipped)."""
 
     config_index: int
     finetune: str | None
     sae_key: str | None = None
     several: bool = False
+    missing: str | None = None
+    skip: bool = False
 
     def __repr__(self) -> str:
+        if self.missing:
+            return "unconfigured"
         name = self.finetune or "no-finetune"
         return f"{name}-{self.sae_key}" if self.several else name
 
@@ -62,6 +67,9 @@ class PluginState:
         self.worker_payloads: list[dict[str, Any]] = []
         self.written: list[str] = []
         self.write_error: str | None = None
+        #: (finetune, SAE key, check id) of the gate items pytest selected; None before collection ends.
+        self.selected: set[tuple[str, str, str]] | None = None
+        self.fixture_tests = 0  # selected tests whose sae-transfer fixtures have their configuration
         # The gate's profile is read at configure time, so a bad profile is a usage error up front.
         self.profile = self.profile_for(run_config) if run_config is not None and (run_config.active or run_config.thresholds) else None
 
@@ -98,15 +106,26 @@ class PluginState:
         self.configs.append(config)
         return len(self.configs) - 1
 
+    def note_selection(self, items: list[pytest.Item]) -> None:
+        """What pytest selected, once collection (with -k, -m and --deselect) is over."""
+        self.selected = {(item.finetune, item.sae_key, item.check_id) for item in items  # type: ignore[attr-defined]
+                         if hasattr(item, "check_id") and hasattr(item, "sae_key")}
+        targets = [getattr(getattr(item, "callspec", None), "params", {}).get("_sae_transfer_target") for item in items]
+        self.fixture_tests = sum(1 for t in targets if isinstance(t, Target) and not t.missing)
+
     def session(self, index: int) -> Any:
         if index not in self.sessions:
             from .session import TransferSession
 
+            if self.is_worker and not self.sessions:
+                cap_worker_threads(self.pytest_config)
             config = self.configs[index]
             self.sessions[index] = TransferSession(
                 config, self.profile_for(config), worker_id=self.worker_id, run_id=self.run_id,
                 quiet_context=self.output_context, progress_stream=None if self.is_worker else sys.__stderr__,
             )
+        # Every problem the config files show, before any data or weights load (again after a failure).
+        self.sessions[index].inputs.preflight()
         return self.sessions[index]
 
     def gate_session(self) -> Any:
@@ -171,11 +190,39 @@ class PluginState:
     def _own_report(self) -> RunReport | None:
         report = merge_reports(list(self.gate_reports.values()))
         if report is not None:
+            assert self.run_config is not None
             # The reports were built one by one; record what this process did over the whole run.
             provenance = self.gate_session().provenance
             for sae_report in report.saes:
                 sae_report.config["provenance"] = dict(provenance.get(sae_report.sae_key, {}))
+                if self.run_config.finetune_sources:
+                    sae_report.config["finetune_sources"] = dict(self.run_config.finetune_sources)
+            self._drop_deselected(report)
         return report
+
+    def _drop_deselected(self, report: RunReport) -> None:
+        """The verdict covers the checks pytest selected: the others move to ``deselected``."""
+        if self.selected is None or self.profile is None:
+            return
+        planned = {check_id for check_id, _, _ in planned_checks(self.profile)}
+        for sae_report in report.saes:
+            for ft in sae_report.finetunes:
+                ran = {check for name, key, check in self.selected if name == ft.model and key == sae_report.sae_key}
+                left_out = planned - ran  # a check that is no gate item (none today) stays judged
+                ft.deselected = [c.id for c in ft.checks if c.id in left_out]
+                ft.checks = [c for c in ft.checks if c.id not in left_out]
+
+    def no_finetune_hint(self, exitstatus: int) -> str | None:
+        """A one-line hint when an SAE is named but nothing (no finetune, no fixture test) uses it."""
+        c = self.run_config
+        if c is None or not c.has_sae or c.finetunes or self.is_worker:
+            return None
+        if self.fixture_tests or (self.is_xdist_controller and exitstatus != pytest.ExitCode.NO_TESTS_COLLECTED):
+            return None
+        named = f"--sae-release {c.sae_release}" if c.sae_release else "--sae-path"
+        example = " (the zoo's: toy-prose, toy-code)" if c.sae_release and c.sae_release.startswith("toy-") else ""
+        return (f"sae-transfer: {named} names an SAE but no finetune is given, so the gate has nothing to check: "
+                f"add --finetune NAME{example}")
 
     def _publish(self) -> None:
         report = self._own_report()
@@ -193,6 +240,10 @@ class PluginState:
         terminalreporter.write_sep("=", "sae-transfer summary")
         verbose = self.pytest_config.get_verbosity() > 0
         terminalreporter.write_line(terminal_summary(self.final_report, width=terminalreporter._tw.fullwidth, verbose=verbose))
+        deselected = sum(len(ft.deselected) for r in self.final_report.saes for ft in r.finetunes)
+        if deselected:
+            terminalreporter.write_line(f"{deselected} check{'s' if deselected > 1 else ''} deselected (-k/-m/--deselect): "
+                                        "not part of the verdict; the JSON report lists them under \"deselected\"")
         for path in self.written:
             terminalreporter.write_line(f"sae-transfer wrote {path}")
         if self.write_error:
@@ -200,6 +251,23 @@ class PluginState:
 
 
 STATE_KEY = pytest.StashKey[PluginState]()
+
+
+def cap_worker_threads(config: pytest.Config) -> None:
+    """On an xdist worker, share the cores between the workers (torch would give each all of
+    them, and N workers x all cores oversubscribe the CPU). An explicit OMP_NUM_THREADS or
+    MKL_NUM_THREADS is left alone."""
+    if any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+        return
+    workerinput = getattr(config, "workerinput", None) or {}
+    workers = int(workerinput.get("workercount") or os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    import torch
+
+    torch.set_num_threads(max(1, cores // max(1, workers)))
 
 
 def merge_reports(parts: list[RunReport], from_workers: bool = False) -> RunReport | None:

@@ -788,7 +788,9 @@ def test_pytest_gate_on_tiny_study_pair(arch, _children, archs):
     assert cfg["hook_name"] == HOOKS[arch] and cfg["base_model"] == str(a.base_dir)
     assert cfg["n_tokens"] == GATE_TOKENS and cfg["context_size"] == CTX and cfg["d_in"] == hf_tiny.HIDDEN
     assert set(MODEL_METRIC_KEYS) <= set(report["base"]["metrics"])
-    assert {ft["model"] for ft in report["finetunes"]} == {str(a.ft_dir), str(a.xrow_dir)}
+    # Finetunes given by path are named by their directory; the report keeps the paths.
+    assert {ft["model"] for ft in report["finetunes"]} == {a.ft_dir.name, a.xrow_dir.name}
+    assert cfg["finetune_sources"] == {a.ft_dir.name: str(a.ft_dir), a.xrow_dir.name: str(a.xrow_dir)}
     for ft in report["finetunes"]:
         assert set(MODEL_METRIC_KEYS) <= set(ft["metrics"]), ft["model"]
         assert set(PAIRED_METRIC_KEYS) <= set(ft["paired"]), ft["model"]
@@ -796,7 +798,7 @@ def test_pytest_gate_on_tiny_study_pair(arch, _children, archs):
         for check in ft["checks"]:
             assert {"id", "metric", "op", "bound", "value", "passed"} <= set(check)
         assert ft["metrics"]["n_tokens"] > 0 and ft["paired"]["resid_cosine_mean"] is not None
-    xrow = next(ft for ft in report["finetunes"] if ft["model"] == str(a.xrow_dir))
+    xrow = next(ft for ft in report["finetunes"] if ft["model"] == a.xrow_dir.name)
     assert any("finetune has 513 vocabulary rows, base 512; the 1 extra row is ignored" in n for n in xrow["notes"]), xrow["notes"]
     assert xrow["paired"]["n_shared_vocab"] == 512
     assert (kid.cwd / report["features_file"]).is_file()

@@ -5,7 +5,9 @@ that is not cached while offline, a dataset too small) raises :class:`LoadError`
 with one message that says what was wrong and what would be right.
 
 Modules: ``common`` (the error, zoo lookups, devices, file identities) · ``sae``
-· ``tokens`` · ``models`` · ``hf/`` (Hugging Face checkpoints and the hub).
+· ``sae_set`` · ``tokens`` · ``models`` · ``preflight`` (every problem the config files
+show, before any data or weights load; zoo-name typos) · ``hf/`` (Hugging Face
+checkpoints and the hub).
 May import: ``errors``, ``config``, ``zoo``.
 """
 
@@ -23,6 +25,7 @@ from .common import (
     zoo_release_names,
 )
 from .models import LoadedModel, load_model, model_identity
+from .preflight import check_inputs, zoo_typos
 from .sae import LoadedSAE, check_sae_config, load_sae, registry_releases, registry_sae_ids
 from .sae_set import load_sae_set, natural_key, plan_sae_keys, select_sae_ids
 from .tokens import TokenSet, iter_dataset_rows, load_tokens, special_token_ids
@@ -32,6 +35,7 @@ __all__ = [
     "LoadedModel",
     "LoadedSAE",
     "TokenSet",
+    "check_inputs",
     "check_sae_config",
     "file_identity",
     "is_zoo_dataset",
@@ -55,4 +59,5 @@ __all__ = [
     "special_token_ids",
     "torch_dtype",
     "zoo_release_names",
+    "zoo_typos",
 ]

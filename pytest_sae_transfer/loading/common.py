@@ -18,13 +18,24 @@ class LoadError(InputError):
     """A model, SAE or dataset could not be loaded; the message says how to fix it."""
 
 
+#: Third-party warnings about what the plugin already handles: (message regex, category).
+HANDLED_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # sae_lens, on every SAE whose metadata has model_from_pretrained_kwargs: the plugin builds
+    # the models with exactly those kwargs (loading/hf/configs.py, processing_flags).
+    (r"\s*This SAE has non-empty model_from_pretrained_kwargs", UserWarning),
+)
+
+
 @contextlib.contextmanager
 def quiet_third_party_warnings() -> Iterator[None]:
     """Silence the deprecation chatter sae_lens/transformer_lens/transformers emit on import and
-    load; it is about their internals, not the user's code, and would fill every run's summary."""
+    load (about their internals, not the user's code, it would fill every run's summary), and
+    their warnings about what the plugin handles itself (``HANDLED_WARNINGS``)."""
     with warnings.catch_warnings():
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
             warnings.simplefilter("ignore", category)
+        for message, handled in HANDLED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=handled)
         yield
 
 

@@ -17,6 +17,13 @@ The JSON layout (version 2)::
      "passed": false,
      "features_file": "report.features.npz"}
 
+A finetune entry's ``"checks"`` are the checks this run judged, and its ``"passed"`` (and
+with it the SAE's and the run's) is the verdict on those checks alone. Checks of the
+profile that the run did not select (pytest's ``-k``, ``-m`` or ``--deselect`` on the gate
+items) are not evaluated into the verdict: their ids are listed in the entry's
+``"deselected"`` (``[]`` when every check ran), so that e.g. ``-k nonfinite`` gives
+``"passed": true`` exactly when the non-finite checks pass, as pytest's exit code says.
+
 Version 1 (one SAE, everything at the top level) is read as a run of one SAE.
 Confidence intervals sit beside the metrics they belong to: ``"ci95"`` for an entry's
 ``metrics`` and ``"paired_ci95"`` for its ``paired`` block, each a map from metric key

@@ -85,6 +85,9 @@ class FinetuneResult(ModelResult):
     ratio_ci95: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     #: Feature-level answers (see ``report.feature_section``): the worst features with their text.
     features: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Ids of the profile's checks that this run did not select (-k, -m, --deselect): in
+    #: neither ``checks`` nor the verdict.
+    deselected: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool | None:
@@ -104,6 +107,7 @@ class FinetuneResult(ModelResult):
                     "ratio_ci95": self.ratio_ci95,
                     "features": self.features,
                     "checks": [c.to_json() for c in self.checks],
+                    "deselected": list(self.deselected),
                     "passed": self.passed,
                 }
             )
@@ -123,5 +127,6 @@ class FinetuneResult(ModelResult):
             delta_ci95={k: list(v) for k, v in (data.get("delta_ci95") or {}).items()},
             ratio_ci95={k: list(v) for k, v in (data.get("ratio_ci95") or {}).items()},
             features=dict(data.get("features") or {}),
+            deselected=list(data.get("deselected") or []),
         )
 

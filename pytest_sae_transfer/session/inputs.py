@@ -17,6 +17,7 @@ from ..loading import (
     LoadedSAE,
     LoadError,
     TokenSet,
+    check_inputs,
     hf,
     is_zoo_model,
     load_model,
@@ -40,7 +41,18 @@ class Inputs:
         self._saes: list[LoadedSAE] | None = None
         self._tokens: TokenSet | None = None
         self._tokenizer: Any = None
+        self._checked = False
         self.models: dict[str, LoadedModel] = {}
+
+    def source(self, name: str) -> str:
+        """What a model name stands for: a finetune's label names its zoo name, path or hub id."""
+        return self.config.source(name)
+
+    def preflight(self) -> None:
+        """Every problem the configuration files show, as one error, before any data or weights load."""
+        if not self._checked:
+            check_inputs(self.config)
+            self._checked = True
 
     @property
     def device(self) -> str:
@@ -101,16 +113,17 @@ class Inputs:
 
     def check_model_exists(self, name: str) -> None:
         """A model named by a path that is not there: one message naming the option, before any load."""
-        if not name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or is_zoo_model(name):
+        source = self.source(name)
+        if not source.startswith((".", "/", "~")) or Path(source).expanduser().exists() or is_zoo_model(source):
             return
         if name != self.base_name:
-            flag = "--finetune"
+            flag = "--finetune" if source == name else f"finetune {name!r}: --finetune"
         elif self.config.base_model:
             flag = "--base-model"
         else:
             flag = "the base model named in the SAE's metadata (override with --base-model)"
         raise LoadError(
-            f"{flag} {name!r} does not exist; give a checkpoint directory written by save_pretrained "
+            f"{flag} {source!r} does not exist; give a checkpoint directory written by save_pretrained "
             "(config.json, weights and tokenizer), a Hugging Face model id (owner/name) or a zoo model name"
         )
 
@@ -149,7 +162,7 @@ class Inputs:
             self.check_model_exists(name)
             base = None if name == self.base_name else self.model(self.base_name)
             with quiet_third_party_warnings():
-                loaded = load_model(name, self.device, self.dtype, base=base, model_kwargs=self.sae.model_kwargs,
+                loaded = load_model(self.source(name), self.device, self.dtype, base=base, model_kwargs=self.sae.model_kwargs,
                                     trust_remote_code=self.config.trust_remote_code)
             if base is not None:
                 self._check_finetune_tokenizer(name, loaded)
@@ -157,11 +170,17 @@ class Inputs:
         return self.models[name]
 
     def _check_finetune_tokenizer(self, name: str, loaded: LoadedModel) -> None:
-        if is_zoo_model(name) and is_zoo_model(self.base_name):
+        source = self.source(name)
+        if is_zoo_model(source) and is_zoo_model(self.base_name):
             return  # the zoo's models share one tokenizer
         # The finetune's own tokenizer, as its loader found it (None when it ships none:
         # check_tokenizers then notes that the base tokenizer is used).
-        ft_tok = zoo.load_tokenizer() if is_zoo_model(name) else getattr(loaded.model, hf.OWN_TOKENIZER_ATTR, None)
+        ft_tok = zoo.load_tokenizer() if is_zoo_model(source) else getattr(loaded.model, hf.OWN_TOKENIZER_ATTR, None)
         tokens = self.token_set.tokens
         samples = [self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens[: min(8, len(tokens))].tolist()]
-        self.notes.extend(hf.check_tokenizers(self.tokenizer, ft_tok, samples, allow_mismatch=self.config.allow_tokenizer_mismatch))
+        named = f"finetune {name!r}" if source == name else f"finetune {name!r} ({source})"
+        try:
+            notes = hf.check_tokenizers(self.tokenizer, ft_tok, samples, allow_mismatch=self.config.allow_tokenizer_mismatch)
+        except LoadError as exc:
+            raise LoadError(f"{named}: {exc}") from None
+        self.notes.extend(f"{named}: {note}" for note in notes)

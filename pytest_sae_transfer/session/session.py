@@ -99,7 +99,7 @@ class TransferSession:
 
     def _identity(self, name: str) -> str:
         if name not in self._identities:
-            self._identities[name] = model_identity(name)
+            self._identities[name] = model_identity(self.inputs.source(name))
         return self._identities[name]
 
     def _store(self, sae: LoadedSAE) -> ResultStore:

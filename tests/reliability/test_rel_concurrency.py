@@ -63,7 +63,7 @@ def test_each_result_was_computed_once(racing_runs: tuple[Run, Run, Path], fx: d
     config = xdist.report()["config"]
     provenances = [serial.report()["config"]["provenance"]]
     provenances += config.get("provenance_by_worker") or [config["provenance"]]
-    for key in ("base", *(fx[name] for name in FINETUNES)):
+    for key in ("base", *FINETUNES):  # finetunes given by path are named by their directory
         computed = [p[key] for p in provenances if p.get(key) == "computed"]
         assert len(computed) == 1, (key, provenances)
 

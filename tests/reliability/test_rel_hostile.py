@@ -83,8 +83,8 @@ def test_threshold_files_are_data_never_code(fx: dict[str, Any], run_plugin: Any
 
 
 def test_report_files_stay_inside_the_report_directory(fx: dict[str, Any], run_plugin: Any, tmp_path: Path) -> None:
-    """A finetune named '../ft' (a relative path with '..' and '/') writes its plots and pages
-    into --sae-report-dir, and nothing anywhere else."""
+    """A finetune given as '../ft' (a relative path with '..' and '/') is named 'ft', and writes
+    its plots and pages into --sae-report-dir, and nothing anywhere else."""
     top = tmp_path / "top"
     work = top / "a" / "work"
     work.mkdir(parents=True)
@@ -92,7 +92,8 @@ def test_report_files_stay_inside_the_report_directory(fx: dict[str, Any], run_p
     before = {p for p in top.rglob("*")}
     run = run_plugin(*plugin_args(fx, finetunes=("../ft",), sae_report_dir="out"), cwd=work)
     assert run.ret == 0, run.text
-    assert run.report()["finetunes"][0]["model"] == "../ft"
+    assert run.report()["finetunes"][0]["model"] == "ft"
+    assert run.report()["config"]["finetune_sources"] == {"ft": "../ft"}
     new = {p for p in top.rglob("*")} - before
     out = work / "out"
     allowed = {work / "r.json", work / "r.features.npz", out}

@@ -66,7 +66,7 @@ CASES: dict[str, tuple[Callable[[dict[str, Any], Path], list[str]], tuple[str, .
                                                        f"d_model={HIDDEN}", "must keep its architecture and width")),
     "finetune-architecture": (_with(finetunes=("ft_arch",)), ("does not have the base model's architecture", "MistralForCausalLM",
                                                               "GPT2LMHeadModel")),
-    "tokenizer-mismatch": (_with(finetunes=("ft_tok",)), ("the finetune tokenizer does not match the base tokenizer",
+    "tokenizer-mismatch": (_with(finetunes=("ft_tok",)), ("finetune 'ft_tok'", "the finetune tokenizer does not match the base tokenizer",
                                                           "encode differently", "--sae-allow-tokenizer-mismatch")),
     # datasets that cannot supply the tokens
     "too-few-tokens": (_with(sae_dataset="fx:small"), ("has only {small_tokens} tokens", f"--sae-tokens asks for {TOKENS}",
@@ -109,6 +109,62 @@ def test_bad_input_is_one_clear_usage_error(case: str, fx: dict[str, Any], run_p
     run = run_plugin(*make_args(fx, tmp_path))
     run.assert_clean_usage_error(*(n.format(**fx) for n in needles))
     assert not list(run.cwd.glob("r.json")), "a failed run must not write a report"
+
+
+def test_every_problem_the_configs_show_comes_in_one_message(fx: dict[str, Any], run_plugin: Any) -> None:
+    """A wrong SAE width, a finetune of another width, one of another architecture, one with another
+    tokenizer and a hook beyond the model: one usage error lists them all, each naming its SAE or
+    finetune, before the dataset (which does not exist either) or any weight is read."""
+    run = run_plugin(*plugin_args(fx, finetunes=("ft_wide", "ft_arch", "ft_tok"), sae_path=fx["sae_wide"],
+                                  sae_dataset="/nonexistent/data.jsonl"), "--sae-path", fx["sae_deep"])
+    run.assert_clean_usage_error(
+        "problems with the inputs",
+        f"SAE 'sae_wide' ({fx['sae_wide']}/cfg.json): the SAE reads {HIDDEN + 16}-dimensional activations",
+        "SAE 'sae_deep'", "beyond the model's depth",
+        "finetune 'ft_wide'", f"d_model={HIDDEN + 16}",
+        "finetune 'ft_arch'", "MistralForCausalLM",
+        "finetune 'ft_tok'", "does not match the base tokenizer",
+        "dataset path '/nonexistent/data.jsonl' does not exist",
+    )
+
+
+def test_bad_input_under_xdist_is_a_usage_error_too(fx: dict[str, Any], tmp_path: Path) -> None:
+    """The xdist controller collects nothing, but reads the config files itself: exit 4, not test errors."""
+    from rel_runner import finish, start_subprocess
+
+    cwd = tmp_path / "xdist"
+    run = finish(start_subprocess(cwd, *plugin_args(fx, finetunes=("ft_wide",), sae_path=fx["sae_wide"]), "-n", "2"), cwd)
+    run.assert_clean_usage_error(f"the SAE reads {HIDDEN + 16}-dimensional activations", "finetune 'ft_wide'")
+
+
+def test_finetune_labels_name_the_report_and_the_ids(fx: dict[str, Any], run_plugin: Any) -> None:
+    """``--finetune LABEL=PATH`` names a finetune; a path without a label is shown by its directory name."""
+    run = run_plugin(*plugin_args(fx, finetunes=()), "--finetune", f"calm={fx['ft']}", "--finetune", fx["ft2"], "-rA")
+    assert run.ret == 0, run.text
+    report = run.report()
+    assert [ft["model"] for ft in report["finetunes"]] == ["calm", "ft2"]
+    assert report["config"]["finetunes"] == ["calm", "ft2"]
+    assert report["config"]["finetune_sources"] == {"calm": fx["ft"], "ft2": fx["ft2"]}
+    assert set(report["config"]["provenance"]) == {"base", "calm", "ft2"}
+    assert "provenance_by_worker" not in report["config"]  # a serial run has no workers
+    assert "PASSED calm::finetune.nonfinite_fraction<=0" in run.text
+    assert "PASSED ft2::finetune.nonfinite_fraction<=0" in run.text
+    assert fx["root"] not in "\n".join(line for line in run.out.splitlines() if line.startswith("PASSED"))
+
+
+def test_handled_sae_lens_warning_is_not_shown(fx: dict[str, Any], run_plugin: Any, tmp_path: Path) -> None:
+    """An SAE with model_from_pretrained_kwargs: sae_lens warns on every load, but the plugin honours them."""
+    import json
+    import shutil
+
+    sae = tmp_path / "sae_kwargs"
+    shutil.copytree(fx["sae"], sae)
+    cfg = json.loads((sae / "cfg.json").read_text())
+    cfg["metadata"]["model_from_pretrained_kwargs"] = {"center_writing_weights": False}
+    (sae / "cfg.json").write_text(json.dumps(cfg))
+    run = run_plugin(*plugin_args(fx, sae_path=str(sae)))
+    assert run.ret == 0, run.text
+    assert "model_from_pretrained_kwargs" not in run.text, run.text
 
 
 def test_tokenizer_mismatch_allowed_becomes_a_note(fx: dict[str, Any], run_plugin: Any) -> None:

@@ -277,6 +277,19 @@ def _shape_text(shape: dict[str, Any]) -> str:
     return ", ".join(f"{k}={shape.get(k)}" for k in keys)
 
 
+def shape_mismatch(base: dict[str, Any], ft: dict[str, Any]) -> str | None:
+    """What differs between two shapes (``hf_shape``'s keys), in words; None when nothing does."""
+    mismatched = []
+    if ft.get("architecture") is not None and base.get("architecture") is not None and ft["architecture"] != base["architecture"]:
+        mismatched.append("architecture")
+    for key in ("d_model", "n_layers", "n_heads", "n_key_value_heads", "d_mlp"):
+        if ft.get(key) is not None and base.get(key) is not None and ft[key] != base[key]:
+            mismatched.append(key)
+    if not mismatched:
+        return None
+    return f"{', '.join(mismatched)} differ(s): finetune {_shape_text(ft)}; base {_shape_text(base)}"
+
+
 def check_same_architecture(base_cfg: Any, ft_shape: dict[str, Any], ft_name: str, base_name: str) -> None:
     base = _base_shape(base_cfg)
     if base["architecture"] is None:
@@ -284,16 +297,9 @@ def check_same_architecture(base_cfg: Any, ft_shape: dict[str, Any], ft_name: st
             f"finetune {ft_name!r} is a Hugging Face checkpoint, but the base {base_name!r} is not one TransformerLens "
             "converted from Hugging Face (a toy-zoo model?); finetunes of a zoo model must be zoo models"
         )
-    mismatched = []
-    if ft_shape["architecture"] is not None and ft_shape["architecture"] != base["architecture"]:
-        mismatched.append("architecture")
-    for key in ("d_model", "n_layers", "n_heads", "n_key_value_heads", "d_mlp"):
-        if ft_shape.get(key) is not None and base.get(key) is not None and ft_shape[key] != base[key]:
-            mismatched.append(key)
-    if mismatched:
+    message = shape_mismatch(base, ft_shape)
+    if message:
         raise LoadError(
-            f"finetune {ft_name!r} does not have the base model's architecture ({', '.join(mismatched)} differ(s)): "
-            f"finetune {_shape_text(ft_shape)}; base {base_name!r} {_shape_text(base)}. "
+            f"finetune {ft_name!r} does not have the base model's architecture ({message.replace('; base ', f'; base {base_name!r} ')}). "
             "The SAE reads the base's residual stream, so a finetune must keep its architecture and width."
         )
-
