@@ -11,8 +11,16 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..report import CheckResult
 from .parse import type_name
+from .vocabulary import (
+    BOUND_KEYS,
+    DERIVED_RTOL,
+    MISSING_MODES,
+    CheckSpec,
+    Profile,
+    family_of,
+)
 from .watch_checks import evaluate_watchlist, evaluated_tokens, planned_watch_checks
-from .vocabulary import BOUND_KEYS, DERIVED_RTOL, MISSING_MODES, CheckSpec, Profile, family_of
+from .wording import bound_text, context, fmt, fmt_operand, fmt_vs, relation, within
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..report import TransferReport
@@ -22,38 +30,17 @@ _EMPTY: Mapping[str, Any] = types.MappingProxyType({})
 _ABSENT = object()
 
 
-def _fmt(x: Any) -> str:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return repr(x)
-    if isinstance(x, int):
-        return str(x)
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.4g}"
 
 
-def _fmt_operand(x: float) -> str:
-    """A right-hand operand: negative numbers in parentheses, "0.97 - (-10.27)"."""
-    return f"({_fmt(x)})" if x < 0 else _fmt(x)
 
 
-def _fmt_vs(value: float, bound: float) -> tuple[str, str]:
-    """Format value and bound with enough digits that unequal numbers look unequal."""
-    for prec in (4, 6, 9, 12, 17):
-        a, b = f"{value:.{prec}g}", f"{bound:.{prec}g}"
-        if a != b or value == bound:
-            return a, b
-    return repr(value), repr(bound)  # pragma: no cover
 
 
-def _fmt_bound_id(bound: float) -> str:
-    text = repr(float(bound))
-    return text[:-2] if text.endswith(".0") else text
 
 
 def _check_id(metric_key: str, op: str, bound: float) -> str:
     sep = "" if op in ("<=", ">=") else ":"
-    return f"{metric_key}{sep}{op}{_fmt_bound_id(bound)}"
+    return f"{metric_key}{sep}{op}{bound_text(bound)}"
 
 
 def _classify(raw: Any) -> tuple[str, float | None, str]:
@@ -111,23 +98,10 @@ _RELATIVE = {
 _QUANTITY_TEXT = {"increase": "increase over base", "decrease": "decrease from base", "ratio": "ratio to base"}
 
 
-def _context(base: float | None, ci: tuple[float, float] | None, extra: str = "", ci_label: str = "ci95") -> str:
-    parts = []
-    if extra:
-        parts.append(extra)
-    if base is not None:
-        parts.append(f"base {_fmt(base)}")
-    if ci is not None:
-        parts.append(f"{ci_label} [{_fmt(ci[0])}, {_fmt(ci[1])}]")
-    return f" ({', '.join(parts)})" if parts else ""
 
 
-def _within(value: float, bound: float, upper: bool, tol: float = 0.0) -> bool:
-    return value <= bound + tol if upper else value >= bound - tol
 
 
-def _relation(ok: bool, upper: bool) -> str:
-    return ("<=" if ok else ">") if upper else (">=" if ok else "<")
 
 
 def ratio_to_base(value: float, base: float) -> float | None:
@@ -158,9 +132,9 @@ def _undecided(point: float | None, end: float, bound: float, upper: bool, n_tok
     """When the point value is within the bound but the interval's end is not, the sample is too
     small to decide: say so, and how many tokens would narrow the interval enough (its half-width
     shrinks as one over the square root of the tokens)."""
-    if point is None or not _within(point, bound, upper) or point == bound:
+    if point is None or not within(point, bound, upper) or point == bound:
         return ""
-    text = f"; the point value is within {_fmt(bound)}, but the interval is too wide to decide"
+    text = f"; the point value is within {fmt(bound)}, but the interval is too wide to decide"
     if n_tokens:
         needed = n_tokens * ((end - point) / (bound - point)) ** 2
         text += f" on {int(n_tokens):,} tokens: about {int(math.ceil(needed / 1000.0)) * 1000:,} would (--sae-tokens)"
@@ -186,7 +160,7 @@ class _Bound:
 
     @property
     def expect(self) -> str:
-        return f"{_OP_TEXT[self.op]} {_fmt(self.bound)}"
+        return f"{_OP_TEXT[self.op]} {fmt(self.bound)}"
 
     def result(self, passed: bool, val: float | None, message: str, interval: tuple[float, float] | None,
                severity: str | None = None) -> CheckResult:
@@ -253,20 +227,20 @@ def _interval_end(b: _Bound, ci: tuple[float, float] | None) -> CheckResult | No
         return b.not_there("missing", f"{mkey} has no ci95 in the report")
     upper = b.op == "ci_high<="
     end = ci[1] if upper else ci[0]
-    ok = _within(end, b.bound, upper)
-    v, bnd = _fmt_vs(end, b.bound)
+    ok = within(end, b.bound, upper)
+    v, bnd = fmt_vs(end, b.bound)
     label = "ci95 high" if upper else "ci95 low"
-    point = f"value {_fmt(b.value)}" if b.status == "ok" else ""
-    return b.result(ok, end, f"{mkey} {label} = {v} {_relation(ok, upper)} {_OP_TEXT[b.op]} {bnd}{_context(b.base_value, ci, point)}", ci)
+    point = f"value {fmt(b.value)}" if b.status == "ok" else ""
+    return b.result(ok, end, f"{mkey} {label} = {v} {relation(ok, upper)} {_OP_TEXT[b.op]} {bnd}{context(b.base_value, ci, point)}", ci)
 
 
 def _point(b: _Bound, ci: tuple[float, float] | None) -> CheckResult:
     """A plain min/max bound on the value."""
     assert b.value is not None
     upper = b.op == "<="
-    ok = _within(b.value, b.bound, upper)
-    v, bnd = _fmt_vs(b.value, b.bound)
-    return b.result(ok, b.value, f"{b.spec.key} = {v} {_relation(ok, upper)} {_OP_TEXT[b.op]} {bnd}{_context(b.base_value, ci)}", ci)
+    ok = within(b.value, b.bound, upper)
+    v, bnd = fmt_vs(b.value, b.bound)
+    return b.result(ok, b.value, f"{b.spec.key} = {v} {relation(ok, upper)} {_OP_TEXT[b.op]} {bnd}{context(b.base_value, ci)}", ci)
 
 
 def _relative(b: _Bound, base_raw: Any, delta_ci: tuple[float, float] | None, ratio_ci: tuple[float, float] | None,
@@ -290,15 +264,15 @@ def _relative(b: _Bound, base_raw: Any, delta_ci: tuple[float, float] | None, ra
     assert b.value is not None and b_val is not None
     if derived is None:  # a ratio to a base of 0
         return b.result(
-            False, None, f"{mkey} ratio to base is undefined: base value is 0 (finetune {_fmt(b.value)}); fails {b.expect}", interval,
+            False, None, f"{mkey} ratio to base is undefined: base value is 0 (finetune {fmt(b.value)}); fails {b.expect}", interval,
         )
     scale = max(abs(derived), abs(b.bound)) if quantity == "ratio" else max(abs(b.value), abs(b_val), abs(b.bound))
-    ok = _within(derived, b.bound, upper, DERIVED_RTOL * scale)
-    v, bnd = _fmt_vs(derived, b.bound)
+    ok = within(derived, b.bound, upper, DERIVED_RTOL * scale)
+    v, bnd = fmt_vs(derived, b.bound)
     return b.result(
         ok, derived,
-        f"{mkey} {_QUANTITY_TEXT[quantity]} = {v} ({how}) {_relation(ok, upper)} {_OP_TEXT[b.op]} {bnd}"
-        + _context(None, interval, "", "paired ci95"),
+        f"{mkey} {_QUANTITY_TEXT[quantity]} = {v} ({how}) {relation(ok, upper)} {_OP_TEXT[b.op]} {bnd}"
+        + context(None, interval, "", "paired ci95"),
         interval,
     )
 
@@ -306,10 +280,10 @@ def _relative(b: _Bound, base_raw: Any, delta_ci: tuple[float, float] | None, ra
 def _derived(quantity: str, value: Any, base: Any) -> tuple[float | None, str]:
     """(finetune − base, base − finetune or finetune / base; how it was computed, for the message)."""
     if quantity == "increase":
-        return value - base, f"{_fmt(value)} - base {_fmt_operand(base)}"
+        return value - base, f"{fmt(value)} - base {fmt_operand(base)}"
     if quantity == "decrease":
-        return base - value, f"base {_fmt(base)} - {_fmt_operand(value)}"
-    how = f"{_fmt(value)} / base {_fmt(base)}" + (": both 0, no change" if value == 0 and base == 0 else "")
+        return base - value, f"base {fmt(base)} - {fmt_operand(value)}"
+    how = f"{fmt(value)} / base {fmt(base)}" + (": both 0, no change" if value == 0 and base == 0 else "")
     return ratio_to_base(value, base), how
 
 
@@ -329,13 +303,13 @@ def _paired_end(b: _Bound, quantity: str, upper: bool, end_name: str, interval: 
             "a report from an older version, or one run without the bootstrap)",
         )
     end = interval[1] if end_name == "high" else interval[0]
-    ok = _within(end, b.bound, upper)
-    v, bnd = _fmt_vs(end, b.bound)
-    point = f"point {_fmt(derived)}" if derived is not None else ""
+    ok = within(end, b.bound, upper)
+    v, bnd = fmt_vs(end, b.bound)
+    point = f"point {fmt(derived)}" if derived is not None else ""
     return b.result(
         ok, end,
-        f"{label}, paired ci95 {end_name} = {v} {_relation(ok, upper)} {_OP_TEXT[b.op]} {bnd}"
-        + _context(None, interval, point, "paired ci95") + ("" if ok else _undecided(derived, end, b.bound, upper, n_tokens)),
+        f"{label}, paired ci95 {end_name} = {v} {relation(ok, upper)} {_OP_TEXT[b.op]} {bnd}"
+        + context(None, interval, point, "paired ci95") + ("" if ok else _undecided(derived, end, b.bound, upper, n_tokens)),
         interval,
     )
 

@@ -10,8 +10,14 @@ import math
 from typing import Any, Mapping, Sequence
 
 from ..report import CheckResult
-from .watchlist import DEFAULT_MIN_FIRINGS, WATCH_BOUNDS, Watchlist, _is_checked, check_ids_in_range
-
+from .watchlist import (
+    DEFAULT_MIN_FIRINGS,
+    WATCH_BOUNDS,
+    Watchlist,
+    _is_checked,
+    check_ids_in_range,
+)
+from .wording import bound_text, fmt_vs
 
 
 def _fmt(x: float | None) -> str:
@@ -22,18 +28,8 @@ def _fmt(x: float | None) -> str:
     return f"{x:.4g}"
 
 
-def _fmt_vs(value: float, bound: float) -> tuple[str, str]:
-    """Value and bound with enough digits that unequal numbers look unequal (0.79996 is not "0.8")."""
-    for prec in (4, 6, 9, 12, 17):
-        a, b = f"{value:.{prec}g}", f"{bound:.{prec}g}"
-        if a != b or value == bound:
-            return a, b
-    return repr(value), repr(bound)
 
 
-def _bound_text(value: float) -> str:
-    text = repr(float(value))
-    return text[:-2] if text.endswith(".0") else text
 
 
 def feature_name(feature_id: int, label: str | None) -> str:
@@ -48,7 +44,7 @@ def _check_id(name: str, bound_key: str, bound: Any) -> str:
     quantity, op = WATCH_BOUNDS[bound_key]
     if op == "alive":
         return f"{name}.{quantity}"
-    return f"{name}.{quantity}{op}{_bound_text(bound)}"
+    return f"{name}.{quantity}{op}{bound_text(bound)}"
 
 
 def _metric(feature_id: int, bound_key: str) -> str:
@@ -192,7 +188,7 @@ def _density_ratio(f: _Watched, base: CheckResult, bound: float, op: str) -> Che
     ratio = f.dens_f / f.dens_b
     ok = ratio <= bound if op == "<=" else ratio >= bound
     rel = ("<=" if ok else ">") if op == "<=" else (">=" if ok else "<")
-    v, b = _fmt_vs(ratio, bound)
+    v, b = fmt_vs(ratio, bound)
     message = f"{f.name} density ratio finetune/base = {v} {rel} {'max' if op == '<=' else 'min'} {b} ({f.density_txt})"
     return dataclasses.replace(base, value=ratio, passed=ok, message=message)
 
@@ -202,7 +198,7 @@ def _similarity(f: _Watched, base: CheckResult, bound: float, kind: str, value: 
     if why is not None or value is None:
         return dataclasses.replace(base, message=f"cannot judge {f.name} {kind} similarity: {why} ({f.density_txt})")
     ok = value >= bound
-    v, b = _fmt_vs(value, bound)
+    v, b = fmt_vs(value, bound)
     message = f"{f.name} {kind} similarity = {v} {'>=' if ok else '<'} min {b} ({f.density_txt})"
     return dataclasses.replace(base, value=value, passed=ok, message=message)
 
