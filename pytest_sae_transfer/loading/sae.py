@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import zoo
 from .common import LoadError, file_identity, is_zoo_release, nearest, zoo_release_names
@@ -20,48 +19,80 @@ MAX_SAE_D_SAE = 1 << 22
 MAX_SAE_PARAMS = 1 << 34
 
 
-@dataclasses.dataclass
 class LoadedSAE:
-    sae: Any
-    kind: str  # "zoo", "registry" or "path"
-    release: str | None
-    sae_id: str | None
-    path: str | None
-    identity: str
-    key: str = "sae"  # names this SAE's results in a run (its id, or its directory's name)
+    """One SAE of a run: where it comes from, what identifies it for the cache, and its
+    metadata. A zoo or directory SAE is read from its ``cfg.json`` alone; the sae_lens
+    object (and sae_lens itself) is loaded only when ``.sae`` is first used, so a run whose
+    results all come from the cache never loads the weights."""
+
+    def __init__(self, sae: Any, kind: str, release: str | None, sae_id: str | None, path: str | None, identity: str,
+                 key: str = "sae", *, cfg: dict[str, Any] | None = None, loader: Callable[[], Any] | None = None) -> None:
+        self._sae = sae
+        self._loader = loader
+        self._cfg = cfg if cfg is not None and isinstance(cfg.get("metadata"), dict) else None
+        self.kind = kind  # "zoo", "registry" or "path"
+        self.release = release
+        self.sae_id = sae_id
+        self.path = path
+        self.identity = identity
+        self.key = key  # names this SAE's results in a run (its id, or its directory's name)
+        if self._sae is None and self._cfg is None:
+            self.sae  # a config in an older layout: let sae_lens read it
 
     @property
-    def metadata(self) -> Any:
-        return self.sae.cfg.metadata
+    def sae(self) -> Any:
+        if self._sae is None:
+            assert self._loader is not None
+            self._sae = self._loader()
+        return self._sae
+
+    def _meta(self, name: str) -> Any:
+        if self._cfg is not None:
+            return self._cfg["metadata"].get(name)
+        return getattr(self.sae.cfg.metadata, name)
 
     @property
     def hook_name(self) -> str:
-        return self.sae.cfg.metadata.hook_name
+        return self._meta("hook_name")
 
     @property
     def context_size(self) -> int | None:
-        return self.sae.cfg.metadata.context_size
+        return self._meta("context_size")
 
     @property
     def prepend_bos(self) -> bool:
-        value = self.sae.cfg.metadata.prepend_bos
+        value = self._meta("prepend_bos")
         return True if value is None else bool(value)
 
     @property
     def dataset(self) -> str | None:
-        return self.sae.cfg.metadata.dataset_path
+        return self._meta("dataset_path")
 
     @property
     def model_name(self) -> str | None:
-        return self.sae.cfg.metadata.model_name
+        return self._meta("model_name")
 
     @property
     def model_kwargs(self) -> dict[str, Any]:
-        return dict(self.sae.cfg.metadata.model_from_pretrained_kwargs or {})
+        return dict(self._meta("model_from_pretrained_kwargs") or {})
+
+    @property
+    def d_in(self) -> int:
+        return int(self._cfg["d_in"]) if self._cfg is not None else int(self.sae.cfg.d_in)
+
+    @property
+    def d_sae(self) -> int:
+        return int(self._cfg["d_sae"]) if self._cfg is not None else int(self.sae.cfg.d_sae)
+
+    @property
+    def architecture(self) -> str:
+        if self._cfg is not None and isinstance(self._cfg.get("architecture"), str):
+            return self._cfg["architecture"]
+        return self.sae.cfg.architecture()
 
     def describe(self) -> dict[str, Any]:
         return {"sae_key": self.key, "sae_release": self.release, "sae_id": self.sae_id, "sae_path": self.path, "sae_kind": self.kind,
-                "sae_architecture": self.sae.cfg.architecture(), "d_in": self.sae.cfg.d_in, "d_sae": self.sae.cfg.d_sae}
+                "sae_architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae}
 
 
 def registry_releases() -> dict[str, Any]:
@@ -88,9 +119,8 @@ def check_sae_config(cfg: dict[str, Any], where: str) -> None:
         raise LoadError(f"{where}: d_in x d_sae = {cfg['d_in'] * cfg['d_sae']} parameters per matrix is too large to load")
 
 
-def _load_sae_dir(path: Path, device: str, dtype: str | None) -> Any:
-    from sae_lens import SAE
-
+def _read_sae_dir(path: Path) -> dict[str, Any]:
+    """The directory's cfg.json, checked (sizes, the weights file present) before anything is loaded."""
     cfg_path = path / "cfg.json"
     if not cfg_path.is_file():
         raise LoadError(f"SAE directory {str(path)!r} has no cfg.json; --sae-path must point to a directory written by sae_lens (cfg.json + sae_weights.safetensors)")
@@ -103,6 +133,12 @@ def _load_sae_dir(path: Path, device: str, dtype: str | None) -> Any:
     check_sae_config(cfg, str(cfg_path))
     if not (path / "sae_weights.safetensors").is_file():
         raise LoadError(f"SAE directory {str(path)!r} has no sae_weights.safetensors (only safetensors weights are loaded)")
+    return cfg
+
+
+def _load_sae_dir(path: Path, device: str, dtype: str | None) -> Any:
+    from sae_lens import SAE
+
     try:
         return SAE.load_from_disk(str(path), device=device, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad directory
@@ -131,8 +167,9 @@ def _load_path_sae(path: str, device: str, dtype: str | None) -> LoadedSAE:
         raise LoadError(f"--sae-path {path!r} does not exist; give a directory with cfg.json and sae_weights.safetensors")
     if not p.is_dir():
         raise LoadError(f"--sae-path {path!r} is not a directory; give the directory sae_lens saved the SAE into")
-    sae = _load_sae_dir(p, device, dtype)
-    return LoadedSAE(sae, "path", None, None, str(p), file_identity(list(p.glob("*.json")) + list(p.glob("*.safetensors"))))
+    cfg = _read_sae_dir(p)
+    return LoadedSAE(None, "path", None, None, str(p), file_identity(list(p.glob("*.json")) + list(p.glob("*.safetensors"))),
+                     cfg=cfg, loader=lambda: _load_sae_dir(p, device, dtype))
 
 
 def _load_zoo_sae(release: str, sae_id: str | None, device: str, dtype: str | None) -> LoadedSAE:
@@ -140,8 +177,9 @@ def _load_zoo_sae(release: str, sae_id: str | None, device: str, dtype: str | No
     if sae_id is not None and sae_id not in ids:
         raise LoadError(f"unknown SAE id {sae_id!r} in release {release!r}{nearest(sae_id, ids)}; valid ids: {', '.join(ids)}")
     directory = zoo.sae_dir(release, sae_id)
-    sae = _load_sae_dir(directory, device, dtype)
-    return LoadedSAE(sae, "zoo", release, sae_id or directory.name, str(directory), file_identity(directory.iterdir()))
+    cfg = _read_sae_dir(directory)
+    return LoadedSAE(None, "zoo", release, sae_id or directory.name, str(directory), file_identity(directory.iterdir()),
+                     cfg=cfg, loader=lambda: _load_sae_dir(directory, device, dtype))
 
 
 def _load_registry_sae(release: str, sae_id: str | None, device: str, dtype: str | None) -> LoadedSAE:

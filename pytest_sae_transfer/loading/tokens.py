@@ -242,21 +242,32 @@ def _text_token_stream(rows: Iterator[Any], tokenizer: Any, dataset: str, counts
 
 def _packed_contexts(token_stream: Iterator[Any], bos: int | None, prepend_bos: bool, context_size: int,
                      n_contexts: int) -> list[Any]:
-    """Documents concatenated with BOS between them, cut into contexts that start with BOS
-    when ``prepend_bos`` (sae_lens's own packing function)."""
-    from sae_lens.tokenization_and_batching import concat_and_batch_sequences
+    """Documents concatenated with BOS between them, cut into contexts of ``context_size``
+    that open with BOS when ``prepend_bos``; a document that already starts with BOS gets no
+    second one. This is sae_lens's packing (``concat_and_batch_sequences`` with BOS as batch
+    start and separator; tests/test_tokens.py compares the two), written here on plain lists
+    so that building the tokens does not import sae_lens (seconds on a cached re-run)."""
+    import torch
 
     contexts: list[Any] = []
-    for ctx in concat_and_batch_sequences(
-        token_stream,
-        context_size=context_size,
-        begin_batch_token_id=bos if prepend_bos else None,
-        begin_sequence_token_id=None,
-        sequence_separator_token_id=bos,
-    ):
-        contexts.append(ctx)
-        if len(contexts) == n_contexts:
-            break
+    current: list[int] = []
+    for doc in token_stream:
+        ids = doc.tolist()
+        i = 0
+        while i < len(ids):
+            if not current:
+                if prepend_bos and bos is not None and ids[i] != bos:
+                    current.append(bos)
+            elif i == 0 and bos is not None and ids[0] != bos:
+                current.append(bos)  # separator between two documents in one context
+            take = context_size - len(current)
+            current.extend(ids[i:i + take])
+            i += take
+            if len(current) == context_size:
+                contexts.append(torch.tensor(current, dtype=torch.long))
+                current = []
+                if len(contexts) == n_contexts:
+                    return contexts
     return contexts
 
 

@@ -161,7 +161,7 @@ class TransferSession:
             self.inputs.check_model_exists(name)
         if self.profile.features is not None:
             for k in keys:  # a watched id beyond an SAE's width: a usage error before anything runs
-                check_ids_in_range(self.profile.features, self.inputs.sae_by_key(k).sae.cfg.d_sae, self.inputs.sae_by_key(k).key)
+                check_ids_in_range(self.profile.features, self.inputs.sae_by_key(k).d_sae, k)
         stores = {k: self._store(self.inputs.sae_by_key(k)) for k in keys}
         first = next(iter(stores.values()))
         if isinstance(first.cache, ResultCache):
