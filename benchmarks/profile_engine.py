@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Profile one engine run at a real model's width (time and memory).
+
+Modes (one per process, so that each measures only itself):
+
+* ``run``    just the run (for ``py-spy record -- python benchmarks/profile_engine.py --mode run``).
+* ``rss``    a sampler thread reads VmRSS every ``--interval-ms`` and the main thread's
+             innermost frame in this repository; prints the peak, each line's largest
+             RSS rise within one sample interval (the big allocations, by file:line),
+             and the RSS the run held at its peak above the loaded models.
+* ``torch``  ``torch.profiler`` with ``profile_memory`` and stacks over the run: the ops
+             that allocate most, and every op whose output has a dimension equal to the
+             SAE width or the vocabulary (with its repository call site).
+
+    python benchmarks/profile_engine.py --arch gemma-2b --layers 1 --tokens 1024 --mode rss
+    .venv/bin/py-spy record -r 50 -f raw -o /tmp/engine.txt -- .venv/bin/python benchmarks/profile_engine.py --mode run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for p in (str(HERE), str(REPO)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+import bench_real as br  # noqa: E402
+import real_models as rm  # noqa: E402
+
+
+def repo_frame(frame: Any) -> str | None:
+    """The innermost frame of this repository's package (or, failing that, benchmarks/)."""
+    best = None
+    f = frame
+    while f is not None:
+        fn = f.f_code.co_filename
+        if "/pytest_sae_transfer/" in fn:
+            return f"{fn.split('/work/wt-bench/')[-1].split(str(REPO) + '/')[-1]}:{f.f_lineno} ({f.f_code.co_name})"
+        if best is None and "/benchmarks/" in fn and "profile_engine" not in fn:
+            best = f"{Path(fn).name}:{f.f_lineno} ({f.f_code.co_name})"
+        f = f.f_back
+    return best
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, interval_s: float) -> None:
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float, str | None]] = []
+        self.stop = threading.Event()
+        self.main_id = threading.main_thread().ident
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            frame = sys._current_frames().get(self.main_id)
+            self.samples.append((time.perf_counter(), br._proc_status_mb("VmRSS"), repo_frame(frame) if frame else None))
+            time.sleep(self.interval_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="gemma-2b", choices=sorted(rm.ARCHS))
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=sorted(br.DTYPES))
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--context-size", type=int, default=128)
+    ap.add_argument("--n-bootstrap", type=int, default=1000)
+    ap.add_argument("--mode", choices=["run", "rss", "torch"], default="run")
+    ap.add_argument("--interval-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    t = time.perf_counter()
+    setup = rm.build(args.arch, layers=args.layers, dtype=br.DTYPES[args.dtype], n_ctx=args.context_size, context_size=args.context_size)
+    print(f"[profile] built in {time.perf_counter() - t:.1f} s; hook {setup.hook}; notes {setup.notes}; "
+          f"RSS {br._proc_status_mb('VmRSS'):.0f} MB", file=sys.stderr, flush=True)
+    tokens = setup.tokens(args.tokens, args.context_size, args.batch_size, seed=7)
+    # warm-up batch (lazy imports, allocator), untimed
+    br.side_engine(setup, tokens[: args.batch_size], args.batch_size, n_bootstrap=10)
+    out: dict[str, Any] = {"settings": vars(args), "hook": setup.hook, "notes": setup.notes}
+    loaded = br._proc_status_mb("VmRSS")
+
+    if args.mode == "run":
+        t = time.perf_counter()
+        rec = br.side_engine(setup, tokens, args.batch_size, args.n_bootstrap)
+        out.update(elapsed_s=time.perf_counter() - t, phases_s=rec["phases_s"])
+    elif args.mode == "rss":
+        br.reset_peak_rss()
+        sampler = RssSampler(args.interval_ms / 1000.0)
+        sampler.start()
+        t = time.perf_counter()
+        rec = br.side_engine(setup, tokens, args.batch_size, args.n_bootstrap)
+        elapsed = time.perf_counter() - t
+        sampler.stop.set()
+        sampler.join()
+        s = sampler.samples
+        rises: dict[str, float] = {}
+        for (_, r0, _), (_, r1, where) in zip(s, s[1:]):
+            if where is not None and r1 - r0 > rises.get(where, 0.0):
+                rises[where] = r1 - r0
+        peak_t, peak_rss, peak_where = max(s, key=lambda x: x[1])
+        out.update(
+            elapsed_s=elapsed, phases_s=rec["phases_s"], loaded_rss_mb=loaded, peak_rss_sampled_mb=peak_rss,
+            peak_rss_hwm_mb=br._proc_status_mb("VmHWM"), peak_at=peak_where, peak_at_s=peak_t - s[0][0],
+            largest_rise_by_line_mb=dict(sorted(rises.items(), key=lambda kv: -kv[1])[:25]), n_samples=len(s),
+        )
+        print(f"[profile] loaded {loaded:.0f} MB; peak {out['peak_rss_hwm_mb']:.0f} MB (sampled {peak_rss:.0f} MB at {peak_where}, "
+              f"{out['peak_at_s']:.1f} s in); run {elapsed:.1f} s", file=sys.stderr)
+        for where, mb in out["largest_rise_by_line_mb"].items():
+            print(f"  {mb:9.1f} MB  {where}", file=sys.stderr)
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        d_sae, vocab = setup.sae.cfg.d_sae, setup.base.cfg.d_vocab
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            rec = br.side_engine(setup, tokens, args.batch_size, args.n_bootstrap)
+        table = prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=25)
+        time_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        big: dict[str, dict[str, Any]] = {}
+        for ev in prof.events():
+            if not ev.name.startswith("aten::") or ev.self_cpu_memory_usage <= 0:
+                continue
+            shapes = [tuple(x) for x in (ev.input_shapes or []) if x]
+            dims = {d for shp in shapes for d in shp}
+            if d_sae not in dims and vocab not in dims:
+                continue
+            site, inner = "?", None
+            p = ev.cpu_parent
+            while p is not None:
+                name = p.name
+                if inner is None and ("transformer_lens/" in name or "sae_lens/" in name):
+                    inner = name.split("site-packages/")[-1]
+                if "pytest_sae_transfer/" in name:
+                    site = name.split("wt-bench/")[-1]
+                    break
+                if site == "?" and "benchmarks/" in name and "profile_engine" not in name:
+                    site = name.split("wt-bench/")[-1]
+                p = p.cpu_parent
+            key = f"{ev.name} @ {site}" + (f" via {inner}" if inner else "")
+            entry = big.setdefault(key, {"calls": 0, "max_alloc_mb": 0.0, "total_alloc_mb": 0.0, "example_shapes": shapes[:3]})
+            entry["calls"] += 1
+            mb = ev.self_cpu_memory_usage / 2**20
+            if mb > entry["max_alloc_mb"]:
+                entry["max_alloc_mb"], entry["example_shapes"] = mb, shapes[:3]
+            entry["total_alloc_mb"] += mb
+        out["allocations_with_d_sae_or_vocab"] = dict(sorted(big.items(), key=lambda kv: -kv[1]["max_alloc_mb"]))
+        print(table, file=sys.stderr)
+        print(time_table, file=sys.stderr)
+        print("ops allocating tensors with a d_sae or vocabulary dimension (by call site):", file=sys.stderr)
+        for key, e in out["allocations_with_d_sae_or_vocab"].items():
+            print(f"  {e['max_alloc_mb']:9.1f} MB max, {e['calls']:5d} calls  {key}  {e['example_shapes']}", file=sys.stderr)
+    print(json.dumps(out, indent=2, default=str))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
