@@ -209,7 +209,7 @@ def cache_point(hook: str) -> tuple[str, int]:
 
 def saelens_way(
     base: Any, ft: Any, sae: Any, tokens: Any, *, hook: str, special: tuple[int, ...], batch_size: int,
-    quiet: bool = True, feature_chunk: int | None = None,
+    quiet: bool = True, feature_chunk: int | None = None, logit_weights: bool = True,
 ) -> dict[str, Any]:
     """The sae_lens side on any models: run_evals for both, the study's paired pass with the
     features of both models kept in memory as [tokens x d_sae] float32 (on the host), and the
@@ -220,7 +220,8 @@ def saelens_way(
     benchmark always ran) computes the paired metrics and the logit weights that many
     features at a time, which only bounds their float64 temporaries: at real widths the
     all-at-once version needs several times the feature arrays again (and a
-    [d_sae x vocab] float64 logit matrix per model).
+    [d_sae x vocab] float64 logit matrix per model). ``logit_weights=False`` skips the
+    logit weights (for an untimed warm-up only).
     """
     import datasets
     import numpy as np
@@ -318,8 +319,8 @@ def saelens_way(
         return W_U * w.detach().unsqueeze(1) if isinstance(w, torch.Tensor) else W_U
 
     Ub, Uf = folded(base), folded(ft)
-    logit_parts = []
-    for cols in chunks(regular):
+    logit_parts = [torch.zeros(0, dtype=torch.float64)]
+    for cols in chunks(regular) if logit_weights else []:
         W_dec = sae.W_dec.detach()[cols.to(sae.W_dec.device)].to(Ub.dtype)
         Lb, Lf = (W_dec @ Ub).double(), (W_dec @ Uf).double()
         Lb, Lf = Lb - Lb.mean(1, keepdim=True), Lf - Lf.mean(1, keepdim=True)

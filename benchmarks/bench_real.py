@@ -97,6 +97,17 @@ def _proc_status_mb(field: str) -> float:
     return float("nan")
 
 
+def _meminfo_mb(field: str) -> float:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("inf")
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where unsupported."""
     try:
@@ -229,10 +240,12 @@ def default_feature_chunk(setup: rm.RealSetup) -> int:
     return max(64, (1 << 26) // setup.base.cfg.d_vocab)
 
 
-def side_saelens(setup: rm.RealSetup, tokens: torch.Tensor, batch_size: int, feature_chunk: int | None = None) -> dict[str, Any]:
+def side_saelens(
+    setup: rm.RealSetup, tokens: torch.Tensor, batch_size: int, feature_chunk: int | None = None, logit_weights: bool = True,
+) -> dict[str, Any]:
     out = bench_engine.saelens_way(
         setup.base, setup.finetune, setup.sae, tokens, hook=setup.hook, special=setup.special_ids,
-        batch_size=batch_size, quiet=True, feature_chunk=feature_chunk or default_feature_chunk(setup),
+        batch_size=batch_size, quiet=True, feature_chunk=feature_chunk or default_feature_chunk(setup), logit_weights=logit_weights,
     )
     for key in ("t0", "c0", "load0", "rss_before_mb", "peak_before_mb", "peak_rss_mb"):
         out.pop(key, None)  # measured by measure() for every side alike
@@ -250,6 +263,26 @@ def run_side(side: str, setup: rm.RealSetup, tokens: torch.Tensor, args: Any) ->
     raise ValueError(side)
 
 
+def warm_up(sides: list[str], setup: rm.RealSetup, tokens: torch.Tensor, args: Any) -> None:
+    """One untimed batch per side, for first-call costs (lazy imports, allocator and BLAS
+    warm-up). The logit-weight computations of the engine and the sae_lens side are left
+    out: minutes at real widths, and no first-call cost of their own."""
+    import pytest_sae_transfer.engine as engine_module
+
+    stub = getattr(engine_module, "logit_similarity", None)  # an engine internal; skipped if it moved
+    if stub is not None:
+        engine_module.logit_similarity = lambda W_dec, *a, **k: torch.full((W_dec.shape[0],), float("nan"), dtype=torch.float64)
+    try:
+        for side in sides:
+            if side == "saelens":
+                side_saelens(setup, tokens, args.batch_size, args.feature_chunk, logit_weights=False)
+            else:
+                run_side(side, setup, tokens, args)
+    finally:
+        if stub is not None:
+            engine_module.logit_similarity = stub
+
+
 @torch.no_grad()
 def weights_probe(setup: rm.RealSetup) -> dict[str, float]:
     """The engine's logit similarity, timed alone (cold): the biggest part of its fixed cost."""
@@ -263,6 +296,33 @@ def weights_probe(setup: rm.RealSetup) -> dict[str, float]:
     logit_similarity(setup.sae.W_dec.detach(), Wb, Wf, n_vocab)
     sync(device)
     return {"logit_similarity_s": time.perf_counter() - t0}
+
+
+def memory_estimate_mb(args: Any) -> dict[str, float]:
+    """A rough peak-RSS estimate per side (CPU runs), from the arch's shapes, before building.
+
+    Models: two of them. Engine: the base's unembedding with the final norm folded in
+    (a d_model x vocab copy held through the run, for models with an unfolded final norm,
+    as these are), the finetune's during the weight metrics, and ``frobenius_ratio``'s
+    float64 copy of an unembedding (one at a time). sae_lens side: run_evals holds about
+    six [batch x context x vocab] float32 tensors (three runs' logits and their
+    log-softmax), both models' features [tokens x d_sae] in float32, and its float64
+    logit-weight chunks. Floor: about two float32 logit tensors.
+    """
+    a = rm.ARCHS[args.arch]
+    item = torch.tensor([], dtype=DTYPES[args.dtype]).element_size()
+    d, V, d_sae = a.tl["d_model"], a.tl["d_vocab"], a.d_sae
+    base = 2 * rm.param_count(a, args.layers) * item + rm.sae_param_count(a) * 4 + 600 * 2**20
+    batch_logits = args.batch_size * args.context_size * V * 4
+    n_max = max(args.tokens)
+    chunk = args.feature_chunk or max(64, (1 << 26) // V)
+    mb = 2.0**20
+    return {
+        "models_and_sae": base / mb,
+        "engine": (base + 2 * d * V * item + 8 * d * V) / mb,
+        "saelens": (base + 6 * batch_logits + 2 * n_max * d_sae * 4 + 4 * chunk * V * 8) / mb,
+        "floor": (base + 2 * batch_logits) / mb,
+    }
 
 
 # --------------------------------------------------------------------------
@@ -474,6 +534,14 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args)
     device = torch.device(args.device)
     counts = sorted(set(args.tokens))
+    estimate = memory_estimate_mb(args)
+    available = _meminfo_mb("MemAvailable")
+    if device.type == "cpu":
+        print("[bench-real] estimated peak RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in estimate.items())
+              + f"; available now {available:.0f}", file=sys.stderr, flush=True)
+        over = [k for k in args.sides if estimate[k] > available]
+        if over:
+            print(f"[bench-real] WARNING: {', '.join(over)} may not fit in the memory available now", file=sys.stderr, flush=True)
 
     t = time.perf_counter()
     import sae_lens  # noqa: F401  (imports timed apart from building)
@@ -491,8 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         # one batch per side, untimed: first-call costs (lazy imports, allocator and BLAS warm-up)
         # belong to no token count
         t = time.perf_counter()
-        for side in args.sides:
-            run_side(side, setup, tokens_all[: args.batch_size], args)
+        warm_up(args.sides, setup, tokens_all[: args.batch_size], args)
         build_s["warmup"] = time.perf_counter() - t
 
     runs: list[dict[str, Any]] = []
@@ -521,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             "d_model": setup.base.cfg.d_model, "d_vocab": setup.base.cfg.d_vocab, "repeat": args.repeat,
             "feature_chunk": args.feature_chunk or default_feature_chunk(setup), "threads": torch.get_num_threads(),
         },
-        "notes": setup.notes, "build_s": build_s, "weights_probe_s": probe, "runs": runs,
+        "notes": setup.notes, "build_s": build_s, "memory_estimate_mb": estimate, "mem_available_at_start_mb": available, "weights_probe_s": probe, "runs": runs,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "loadavg_end": os.getloadavg()},
     }

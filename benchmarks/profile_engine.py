@@ -67,6 +67,73 @@ class RssSampler(threading.Thread):
             time.sleep(self.interval_s)
 
 
+@torch.no_grad()
+def chunked_frobenius_ratio(W_ft: torch.Tensor, W_base: torch.Tensor) -> float:
+    """‖W_ft‖_F / ‖W_base‖_F in float64, a column block at a time (the engine's value, bounded memory)."""
+
+    def norm2(W: torch.Tensor) -> float:
+        return sum(float(W[:, i : i + 8192].double().pow(2).sum()) for i in range(0, W.shape[1], 8192))
+
+    return (norm2(W_ft) / norm2(W_base)) ** 0.5
+
+
+def pyspy_summary(path: str, within: str, top: int = 30) -> int:
+    """Inclusive and self sample shares per repository frame (file:line) from collapsed stacks,
+    counting only stacks that pass through a frame containing ``within`` (the timed run, not
+    the build or the warm-up: pass e.g. ``profile_engine.py:166``)."""
+    import collections
+
+    incl: collections.Counter[str] = collections.Counter()
+    self_: collections.Counter[str] = collections.Counter()
+    leaf_lib: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or within not in stack:
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        repo = [f for f in frames if "pytest_sae_transfer/" in f or "bench_real.py" in f]
+        for f in set(repo):
+            incl[f] += n
+        if repo:
+            self_[repo[-1]] += n  # the innermost repository frame: time spent below it is charged to it
+        leaf_lib[frames[-1].split(" (")[0] + " (" + frames[-1].split("/")[-1]] += n
+    print(f"{total} samples in the timed run")
+    print("innermost repository frame (time in it and in the libraries it calls):")
+    for f, n in self_.most_common(top):
+        print(f"  {100 * n / total:5.1f}%  {f}")
+    print("inclusive:")
+    for f, n in incl.most_common(top):
+        print(f"  {100 * n / total:5.1f}%  {f}")
+    print("leaf frames:")
+    for f, n in leaf_lib.most_common(15):
+        print(f"  {100 * n / total:5.1f}%  {f}")
+    return 0
+
+
+def frobenius_mode(args: Any) -> int:
+    """RSS of the engine's own frobenius_ratio on two unembeddings of the arch's shape."""
+    from pytest_sae_transfer.metrics.weights import frobenius_ratio
+
+    a = rm.ARCHS[args.arch]
+    d, v = a.tl["d_model"], a.tl["d_vocab"]
+    dtype = br.DTYPES[args.dtype]
+    Wb = torch.randn(d, v, dtype=dtype)
+    Wf = torch.randn(d, v, dtype=dtype)
+    before = br._proc_status_mb("VmRSS")
+    br.reset_peak_rss()
+    t = time.perf_counter()
+    r = frobenius_ratio(Wf, Wb)
+    out = {"shape": [d, v], "dtype": args.dtype, "inputs_mb": 2 * Wb.numel() * Wb.element_size() / 2**20,
+           "rss_before_mb": before, "peak_rss_mb": br._proc_status_mb("VmHWM"), "elapsed_s": time.perf_counter() - t,
+           "ratio": r, "chunked_ratio": chunked_frobenius_ratio(Wf, Wb)}
+    out["rise_mb"] = out["peak_rss_mb"] - before
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="gemma-2b", choices=sorted(rm.ARCHS))
@@ -76,21 +143,61 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--context-size", type=int, default=128)
     ap.add_argument("--n-bootstrap", type=int, default=1000)
-    ap.add_argument("--mode", choices=["run", "rss", "torch"], default="run")
+    ap.add_argument("--mode", choices=["run", "rss", "torch", "frobenius", "pyspy-summary"], default="run")
+    ap.add_argument("--pyspy-file", default=None, help="--mode pyspy-summary: a `py-spy record -f raw` output")
+    ap.add_argument("--within", default="side_engine", help="--mode pyspy-summary: count only stacks through this frame text")
     ap.add_argument("--interval-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--share-embedding", action="store_true",
+                    help="the finetune uses the base's W_E tensor (saves one d_vocab x d_model copy; W_U and blocks stay perturbed)")
+    ap.add_argument("--bounded-frobenius", action="store_true",
+                    help="replace the engine's unembedding Frobenius ratio by a chunked float64 one (same value): the engine's "
+                         "own makes two full float64 copies of the unembeddings (measure that with --mode frobenius)")
+    ap.add_argument("--no-fold-copy", action="store_true",
+                    help="the engine's folded_unembed returns W_U itself where ln_final.w is all ones (as here: folding is then "
+                         "the identity); the engine's own copies it (2 GB per model at Gemma width in float32)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    import pytest_sae_transfer.engine as engine_module
+
+    if args.mode == "frobenius":
+        return frobenius_mode(args)
+    if args.mode == "pyspy-summary":
+        return pyspy_summary(args.pyspy_file, args.within)
+    if args.bounded_frobenius:
+        engine_module.frobenius_ratio = chunked_frobenius_ratio
+    if args.no_fold_copy:
+        folded = engine_module.folded_unembed
+
+        def folded_no_copy(model: Any) -> torch.Tensor:
+            w = getattr(getattr(model, "ln_final", None), "w", None)
+            if isinstance(w, torch.Tensor) and bool((w == 1).all()):
+                return model.W_U.detach()
+            return folded(model)
+
+        engine_module.folded_unembed = folded_no_copy
+
     t = time.perf_counter()
     setup = rm.build(args.arch, layers=args.layers, dtype=br.DTYPES[args.dtype], n_ctx=args.context_size, context_size=args.context_size)
     print(f"[profile] built in {time.perf_counter() - t:.1f} s; hook {setup.hook}; notes {setup.notes}; "
           f"RSS {br._proc_status_mb('VmRSS'):.0f} MB", file=sys.stderr, flush=True)
+    if args.share_embedding:
+        setup.finetune.embed.W_E = setup.base.embed.W_E
+        import gc
+
+        gc.collect()
     tokens = setup.tokens(args.tokens, args.context_size, args.batch_size, seed=7)
-    # warm-up batch (lazy imports, allocator), untimed
-    br.side_engine(setup, tokens[: args.batch_size], args.batch_size, n_bootstrap=10)
+    # warm-up batch (lazy imports, allocator), untimed; its logit similarity is stubbed out
+    # (minutes at real widths, and measured in the run proper)
+    real_logit_similarity = engine_module.logit_similarity
+    engine_module.logit_similarity = lambda W_dec, *a, **k: torch.full((W_dec.shape[0],), float("nan"), dtype=torch.float64)
+    try:
+        br.side_engine(setup, tokens[: args.batch_size], args.batch_size, n_bootstrap=10)
+    finally:
+        engine_module.logit_similarity = real_logit_similarity
     out: dict[str, Any] = {"settings": vars(args), "hook": setup.hook, "notes": setup.notes}
     loaded = br._proc_status_mb("VmRSS")
 
@@ -108,10 +215,19 @@ def main(argv: list[str] | None = None) -> int:
         sampler.stop.set()
         sampler.join()
         s = sampler.samples
+        # RSS grows as pages are first written, over many samples: attribute to a line the
+        # rise from the sample before it was reached to the highest sample while it stays
         rises: dict[str, float] = {}
-        for (_, r0, _), (_, r1, where) in zip(s, s[1:]):
-            if where is not None and r1 - r0 > rises.get(where, 0.0):
-                rises[where] = r1 - r0
+        i = 1
+        while i < len(s):
+            where, start_rss, top = s[i][2], s[i - 1][1], s[i][1]
+            j = i
+            while j + 1 < len(s) and s[j + 1][2] == where:
+                j += 1
+                top = max(top, s[j][1])
+            if where is not None and top - start_rss > rises.get(where, 0.0):
+                rises[where] = top - start_rss
+            i = j + 1
         peak_t, peak_rss, peak_where = max(s, key=lambda x: x[1])
         out.update(
             elapsed_s=elapsed, phases_s=rec["phases_s"], loaded_rss_mb=loaded, peak_rss_sampled_mb=peak_rss,

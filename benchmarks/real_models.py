@@ -453,3 +453,26 @@ def build(
 
 def n_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def param_count(arch: str | Arch, layers: int | None = None) -> int:
+    """Parameters of one model of ``arch`` cut to ``layers`` blocks, as TransformerLens
+    allocates them (its zero biases included), without building it."""
+    a = _arch(arch)
+    t = a.tl
+    d, h, dh, V, m = t["d_model"], t["n_heads"], t["d_head"], t["d_vocab"], t["d_mlp"]
+    kv = t.get("n_key_value_heads") or h
+    per_layer = (
+        2 * d  # ln1, ln2
+        + 2 * h * d * dh + h * dh + d  # W_Q, W_O, b_Q, b_O
+        + 2 * kv * d * dh + 2 * kv * dh  # W_K, W_V, b_K, b_V
+        + 3 * d * m + m + d  # W_in, W_gate, W_out, b_in, b_out (gated MLP)
+    )
+    n = a.n_layers if layers is None else layers
+    return 2 * V * d + V + d + n * per_layer  # W_E, W_U, b_U, ln_final
+
+
+def sae_param_count(arch: str | Arch) -> int:
+    a = _arch(arch)
+    d = a.tl["d_model"]
+    return 2 * d * a.d_sae + a.d_sae + d

@@ -204,3 +204,14 @@ def test_tiny_vocabularies(d_model: int, n_vocab: int) -> None:
     """Two tokens: any two distinct logit rows correlate at exactly ±1."""
     W_dec, Wb, Wf = random_case(9, d_sae=7, d_model=d_model, n_vocab=n_vocab)
     np.testing.assert_allclose(logit_similarity(W_dec, Wb, Wf, n_vocab).numpy(), brute(W_dec, Wb, Wf, n_vocab), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_inputs_are_left_untouched(dtype) -> None:
+    W_dec, Wb, Wf = random_case(10, d_sae=9, d_model=6, n_vocab=70, dtype=dtype)
+    copies = [t.clone() for t in (W_dec, Wb, Wf)]
+    W._BASE_CACHE.clear()
+    got = logit_similarity(W_dec, Wb, Wf, 70, chunk_elems=100)
+    for before, after in zip(copies, (W_dec, Wb, Wf)):
+        assert torch.equal(before, after)
+    np.testing.assert_allclose(got.numpy(), brute(W_dec, Wb, Wf, 70), rtol=0, atol=1e-10)

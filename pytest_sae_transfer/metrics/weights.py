@@ -47,7 +47,7 @@ def logit_similarity(
 
     Everything is float64: the centring (a first pass for the means, so no
     n·Σu² − (Σu)² cancellation), the Gram matrices (accumulated over vocabulary
-    chunks of about ``chunk_elems`` elements per matrix) and the quadratic forms (in
+    chunks of about ``chunk_elems`` float64 elements in all) and the quadratic forms (in
     feature chunks). The base Gram matrix is reused while the same, unmodified
     ``W_U_base`` tensor comes back (one per finetune of a run).
 
@@ -121,7 +121,7 @@ def _base_gram(W_U_base: torch.Tensor, n_vocab: int, chunk_elems: int) -> _Gram:
     mean = _vocab_mean(Wb, chunk_elems)
     gram = torch.zeros(Wb.shape[0], Wb.shape[0], dtype=torch.float64, device=Wb.device)
     for cols in _vocab_chunks(Wb, chunk_elems):
-        c = Wb[:, cols].to(torch.float64) - mean.unsqueeze(1)
+        c = Wb[:, cols].to(torch.float64, copy=True).sub_(mean.unsqueeze(1))
         _add_gram(gram, c)
     def forget(ref: Any) -> None:  # the tensor is gone: drop its Gram matrix
         if _BASE_CACHE and _BASE_CACHE[0].ref is ref:
@@ -141,16 +141,18 @@ def _grams_ft(
     G_f = torch.zeros(d, d, dtype=torch.float64, device=Wf.device)
     G_d = torch.zeros_like(G_f)
     for cols in _vocab_chunks(Wf, chunk_elems):
-        cf = Wf[:, cols].to(torch.float64) - mean_f.unsqueeze(1)
+        cf = Wf[:, cols].to(torch.float64, copy=True).sub_(mean_f.unsqueeze(1))
         _add_gram(G_f, cf)
-        cb = Wb[:, cols].to(torch.float64) - mean_b.unsqueeze(1)
+        cb = Wb[:, cols].to(torch.float64, copy=True).sub_(mean_b.unsqueeze(1))
         _add_gram(G_d, cb.sub_(cf))
     return G_f, mean_f, G_d
 
 
 def _vocab_chunks(W: torch.Tensor, chunk_elems: int) -> list[slice]:
+    """Vocabulary column blocks such that the float64 blocks alive at once (up to four
+    [d_model, step] ones in ``_grams_ft``) hold about ``chunk_elems`` elements."""
     d, n = W.shape
-    step = max(1, min(n, chunk_elems // max(1, d)))
+    step = max(1, min(n, chunk_elems // max(1, 4 * d)))
     return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
