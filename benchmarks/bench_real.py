@@ -372,8 +372,24 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 rec[f"marginal_s_per_token_{key}"] = slope
                 rec[f"marginal_tokens_per_s_{key}"] = 1.0 / slope if slope > 0 else None
                 rec[f"fixed_s_{key}"] = intercept
+        # Wall time without the step after the token pass (engine: weight metrics, bootstrap,
+        # report; sae_lens: paired metrics and logit weights of the regular features). The
+        # sae_lens step grows with the number of regular features, which on short runs at a
+        # real SAE width still grows with tokens (features that never fired are dead, not
+        # regular); without it the marginal time is the token pass alone, on both sides.
+        phase = {"engine": "after_last_batch_s", "saelens": "paired_metrics"}.get(side)
+        if phase and all(phase in r.get("phases_s", {}) for r in rs):
+            fit = fit_line([(r["n_tokens"], r["elapsed_s"] - r["phases_s"][phase]) for r in rs])
+            if fit is not None:
+                rec["token_pass_marginal_s_per_token_wall"] = fit[1]
+                rec["token_pass_fixed_s_wall"] = fit[0]
+                rec["excluded_step"] = phase
         sides[side] = rec
     ratios: dict[str, Any] = {}
+    e = sides.get("engine", {}).get("token_pass_marginal_s_per_token_wall")
+    for other in ("floor", "saelens"):
+        o = sides.get(other, {}).get("token_pass_marginal_s_per_token_wall", sides.get(other, {}).get("marginal_s_per_token_wall"))
+        ratios[f"engine_over_{other}_token_pass_marginal_time_wall"] = e / o if e and o and o > 0 else None
     for other in ("floor", "saelens"):
         for key in ("wall", "cpu"):
             e = sides.get("engine", {}).get(f"marginal_s_per_token_{key}")
@@ -423,6 +439,11 @@ def print_table(doc: dict[str, Any], file: Any = sys.stdout) -> None:
         if w is not None or c is not None:
             print(f"engine / {other:7s} time per marginal token: {_f(w, '.2f', 5)} (wall), {_f(c, '.2f', 5)} (CPU time)"
                   + (f"   [{other} / engine = {1 / w:.2f}x]" if w else ""), file=file)
+    for other in ("floor", "saelens"):
+        v = r.get(f"engine_over_{other}_token_pass_marginal_time_wall")
+        if v is not None:
+            print(f"engine / {other:7s} time per marginal token, token pass only (without the step after it): {v:.2f} (wall)"
+                  + (f"   [{other} / engine = {1 / v:.2f}x]" if v > 0 else ""), file=file)
     fc = doc.get("engine_fixed_cost")
     if fc:
         print("engine fixed cost (s): " + ", ".join(f"{k} {v:.1f}" for k, v in fc.items() if isinstance(v, (int, float))), file=file)
@@ -522,6 +543,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed one-batch run of each side")
     ap.add_argument("--no-weights-probe", action="store_true", help="skip timing the engine's logit similarity alone")
     ap.add_argument("--json", default=None, help="write everything to this JSON file")
+    ap.add_argument("--from-json", default=None, help="re-summarise the runs of an earlier --json file and print its table")
     ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -532,6 +554,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.child:
         return child_main(args)
+    if args.from_json:
+        doc = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        doc["summary"] = summarize(doc["runs"])
+        doc["engine_fixed_cost"] = engine_fixed_cost(doc["runs"], doc.get("weights_probe_s"))
+        print_table(doc)
+        if args.json:
+            Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+        return 0
     device = torch.device(args.device)
     counts = sorted(set(args.tokens))
     estimate = memory_estimate_mb(args)

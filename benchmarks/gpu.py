@@ -155,6 +155,10 @@ def timed_side(side: str, setup: rm.RealSetup, toks: torch.Tensor, args: Args, d
         rec = br.measure(lambda: br.run_side(side, setup, toks, args), device)
     except br.DeadlineExceeded:
         rec = {"aborted": "stopped by the time guard", "elapsed_s": time.perf_counter() - t0, "n_tokens": int(toks.numel())}
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one side: record it, keep the other sides
+        rec = {"aborted": f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", "elapsed_s": time.perf_counter() - t0,
+               "n_tokens": int(toks.numel()), "traceback": traceback.format_exc()}
+        free(str(device))
     finally:
         for h in handles:
             h.remove()

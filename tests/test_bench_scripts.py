@@ -182,3 +182,13 @@ def test_deadline_guard_stops_the_engine(scripts, one_thread) -> None:
         for h in handles:
             h.remove()
     assert br.side_engine(s, toks, 4, n_bootstrap=10)["n_tokens"] == 256  # hooks gone
+
+
+def test_a_failing_side_is_recorded_not_raised(scripts, one_thread) -> None:
+    gpu, rm = scripts["gpu"], scripts["real_models"]
+    s = rm.build("tiny-gemma", n_ctx=32, context_size=32)
+    toks = s.tokens(128, 32, 4)
+    rec = gpu.timed_side("no-such-side", s, toks, gpu.Args(4), torch.device("cpu"), time.perf_counter() + 60)
+    assert rec["aborted"].startswith("error: ValueError") and rec["n_tokens"] == 128
+    late = gpu.timed_side("floor", s, toks, gpu.Args(4), torch.device("cpu"), time.perf_counter() - 1)
+    assert late["aborted"] == "stopped by the time guard"
