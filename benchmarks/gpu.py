@@ -188,7 +188,7 @@ def part_check(spec: dict[str, Any], clock: Clock, log: Any) -> dict[str, Any]:
         return res
     bf16_setup = rm.RealSetup(
         arch=setup.arch, base=rm.cast_copy(setup.base, torch.bfloat16), finetune=rm.cast_copy(setup.finetune, torch.bfloat16),
-        sae=setup.sae, hook=setup.hook, start_layer=setup.start_layer, notes=setup.notes, build_seconds={}, token_pool=setup.token_pool,
+        sae=setup.sae, hook=setup.hook, start_layer=setup.start_layer, notes=setup.notes, build_seconds={},
     )
     del setup
     free(spec["device"])

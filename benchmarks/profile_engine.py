@@ -77,10 +77,11 @@ def chunked_frobenius_ratio(W_ft: torch.Tensor, W_base: torch.Tensor) -> float:
     return (norm2(W_ft) / norm2(W_base)) ** 0.5
 
 
-def pyspy_summary(path: str, within: str, top: int = 30) -> int:
+def pyspy_summary(path: str, within: list[str], top: int = 30) -> int:
     """Inclusive and self sample shares per repository frame (file:line) from collapsed stacks,
-    counting only stacks that pass through a frame containing ``within`` (the timed run, not
-    the build or the warm-up: pass e.g. ``profile_engine.py:166``)."""
+    counting only stacks that pass through frames containing every text in ``within`` (the
+    timed run, not the build or the warm-up: e.g. ``profile_engine.py:166``, the line of
+    the timed call, and ``run_pass (`` for its token pass)."""
     import collections
 
     incl: collections.Counter[str] = collections.Counter()
@@ -89,7 +90,7 @@ def pyspy_summary(path: str, within: str, top: int = 30) -> int:
     total = 0
     for line in Path(path).read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack or within not in stack:
+        if not stack or not all(w in stack for w in within):
             continue
         n = int(count)
         total += n
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-bootstrap", type=int, default=1000)
     ap.add_argument("--mode", choices=["run", "rss", "torch", "frobenius", "pyspy-summary"], default="run")
     ap.add_argument("--pyspy-file", default=None, help="--mode pyspy-summary: a `py-spy record -f raw` output")
-    ap.add_argument("--within", default="side_engine", help="--mode pyspy-summary: count only stacks through this frame text")
+    ap.add_argument("--within", nargs="+", default=["side_engine"], help="--mode pyspy-summary: count only stacks through all these frame texts")
     ap.add_argument("--interval-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--share-embedding", action="store_true",

@@ -25,6 +25,10 @@ Weights are drawn as Hugging Face initialises these models (normal, std
 ``initializer_range`` = 0.02 for every linear and embedding weight, norm weights 1,
 no biases), which keeps activations and losses finite at any depth and in bf16.
 
+The SAE is a plain standard (ReLU) SAE in float32 with no activation normalisation;
+the study's Mistral SAE rescales each activation to norm sqrt(d_in)
+(``constant_norm_rescale``), a per-token scalar that costs nothing measurable.
+
 ``layers=N`` keeps width, vocabulary and SAE but cuts the depth to N; the SAE hook
 stays at the study's block when it exists, else it moves to the same hook of the last
 block (``RealSetup.notes`` says so).
@@ -53,7 +57,9 @@ __all__ = [
     "build",
     "build_model",
     "build_sae",
+    "cast_copy",
     "hook_for_depth",
+    "param_count",
     "perturbed_copy",
     "random_tokens",
     "start_layer",
@@ -316,18 +322,15 @@ def cast_copy(model: Any, dtype: torch.dtype) -> Any:
     return out
 
 
-def random_tokens(
-    n_contexts: int, context_size: int, d_vocab: int, bos: int, special_ids: tuple[int, ...], seed: int = 0,
-    pool: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """[n_contexts, context_size] uniform draws from ``pool`` (default: every non-special id),
-    BOS at position 0 (as packed contexts start)."""
+def random_tokens(n_contexts: int, context_size: int, d_vocab: int, bos: int, special_ids: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """[n_contexts, context_size] uniform non-special ids, BOS at position 0 (as packed contexts start).
+
+    On such tokens a bias-free random model's clean CE is about log V + var(logit)/2 and its
+    zero-ablated CE exactly log V (the ablated residual stays zero), so the CE metrics are
+    well defined (sae_lens divides by their difference)."""
     gen = torch.Generator().manual_seed(seed)
-    if pool is None:
-        lo = max(special_ids) + 1 if special_ids else 0
-        toks = torch.randint(lo, d_vocab, (n_contexts, context_size), generator=gen)
-    else:
-        toks = pool[torch.randint(0, pool.numel(), (n_contexts, context_size), generator=gen)]
+    lo = max(special_ids) + 1 if special_ids else 0
+    toks = torch.randint(lo, d_vocab, (n_contexts, context_size), generator=gen)
     toks[:, 0] = bos
     return toks
 
@@ -397,7 +400,6 @@ class RealSetup:
     start_layer: int
     notes: list[str]
     build_seconds: dict[str, float]
-    token_pool: torch.Tensor | None = None
 
     @property
     def special_ids(self) -> tuple[int, ...]:
@@ -407,7 +409,7 @@ class RealSetup:
         """Random contexts holding at least ``n_tokens`` (whole batches of ``batch_size``)."""
         n_ctx = math.ceil(n_tokens / context_size)
         n_ctx = math.ceil(n_ctx / batch_size) * batch_size
-        return random_tokens(n_ctx, context_size, self.base.cfg.d_vocab, self.arch.bos, self.arch.special_ids, seed, self.token_pool)
+        return random_tokens(n_ctx, context_size, self.base.cfg.d_vocab, self.arch.bos, self.arch.special_ids, seed)
 
 
 def build(
