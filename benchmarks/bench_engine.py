@@ -190,6 +190,39 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_saelens(args: argparse.Namespace) -> dict[str, Any]:
+    base, ft, sae = load_all(args.finetune, args.sae_id)
+    tokens, info = pack_tokens(args.tokens[0], args.context_size, args.batch_size)
+    out = saelens_way(base, ft, sae, tokens, hook=HOOK, special=SPECIAL, batch_size=args.batch_size, quiet=args.quiet)
+    times = timing(info, out.pop("t0"), out.pop("c0"), out.pop("load0"))
+    return {"side": "saelens", **info, **times, **out}
+
+
+def cache_point(hook: str) -> tuple[str, int]:
+    """(hook to cache, stop_at_layer) that yields ``hook``'s activation with the fewest blocks run:
+    ``blocks.L.hook_resid_pre`` is the tensor ``blocks.{L-1}.hook_resid_post`` holds."""
+    _, block, kind = hook.split(".")
+    L = int(block)
+    if kind == "hook_resid_pre" and L > 0:
+        return f"blocks.{L - 1}.hook_resid_post", L
+    return hook, L + 1
+
+
+def saelens_way(
+    base: Any, ft: Any, sae: Any, tokens: Any, *, hook: str, special: tuple[int, ...], batch_size: int,
+    quiet: bool = True, feature_chunk: int | None = None, logit_weights: bool = True,
+) -> dict[str, Any]:
+    """The sae_lens side on any models: run_evals for both, the study's paired pass with the
+    features of both models kept in memory as [tokens x d_sae] float32 (on the host), and the
+    study's paired metrics from those arrays.
+
+    The clock starts after the inputs are built; the result carries ``t0``, ``c0`` and
+    ``load0`` for :func:`timing`. ``feature_chunk`` (None: all at once, as the toy
+    benchmark always ran) computes the paired metrics and the logit weights that many
+    features at a time, which only bounds their float64 temporaries: at real widths the
+    all-at-once version needs several times the feature arrays again (and a
+    [d_sae x vocab] float64 logit matrix per model). ``logit_weights=False`` skips the
+    logit weights (for an untimed warm-up only).
+    """
     import datasets
     import numpy as np
     import torch
@@ -198,13 +231,12 @@ def run_saelens(args: argparse.Namespace) -> dict[str, Any]:
     from sae_lens.training.activations_store import ActivationsStore
     from tqdm.auto import tqdm
 
-    base, ft, sae = load_all(args.finetune, args.sae_id)
-    tokens, info = pack_tokens(args.tokens[0], args.context_size, args.batch_size)
-    bs, T = args.batch_size, args.context_size
+    bs, T = batch_size, tokens.shape[1]
     n_batches = tokens.shape[0] // bs
     dataset = datasets.Dataset.from_dict({"input_ids": tokens.tolist()})  # the input, built before the clock
-    layer = int(HOOK.split(".")[1]) + 1
-    special = torch.tensor(SPECIAL)
+    cache_hook, stop_layer = cache_point(hook)
+    special_t = torch.tensor(special)
+    device = next(base.parameters()).device
     phases: dict[str, float] = {}
     rss_before = current_rss_mb()
     peak_before = peak_rss_mb()
@@ -216,18 +248,20 @@ def run_saelens(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            store = ActivationsStore.from_sae(model, sae, dataset=dataset, streaming=False, context_size=T, store_batch_size_prompts=bs)
+            store = ActivationsStore.from_sae(
+                model, sae, dataset=dataset, streaming=False, context_size=T, store_batch_size_prompts=bs, device=str(device),
+            )
             cfg = EvalConfig(
                 batch_size_prompts=bs, n_eval_reconstruction_batches=n_batches, n_eval_sparsity_variance_batches=n_batches,
                 compute_kl=True, compute_ce_loss=True, compute_sparsity_metrics=True, compute_variance_metrics=True,
                 compute_featurewise_density_statistics=True,
             )
-            evals[tag] = run_evals(sae, store, model, ActivationScaler(), cfg, exclude_special_tokens=list(SPECIAL), verbose=not args.quiet)
+            evals[tag] = run_evals(sae, store, model, ActivationScaler(), cfg, exclude_special_tokens=list(special), verbose=not quiet)
         phases[f"run_evals_{tag}"] = time.perf_counter() - t
 
     # 2. the study's extra pass: hook activations of both models, features kept in memory
     t = time.perf_counter()
-    mask_all = ~torch.isin(tokens, special)
+    mask_all = ~torch.isin(tokens, special_t)
     n_incl = int(mask_all.sum())
     d_sae = sae.cfg.d_sae
     acts_b = torch.empty(n_incl, d_sae, dtype=torch.float32)
@@ -236,17 +270,17 @@ def run_saelens(args: argparse.Namespace) -> dict[str, Any]:
     euc_all = torch.zeros(tokens.shape, dtype=torch.float64)
     row = 0
     with torch.no_grad():
-        for i in tqdm(range(n_batches), desc="study paired pass", disable=args.quiet, file=sys.stderr):
+        for i in tqdm(range(n_batches), desc="study paired pass", disable=quiet, file=sys.stderr):
             toks = tokens[i * bs : (i + 1) * bs]
-            mask = mask_all[i * bs : (i + 1) * bs]
-            _, cb = base.run_with_cache(toks, names_filter=[HOOK], stop_at_layer=layer)
-            _, cf = ft.run_with_cache(toks, names_filter=[HOOK], stop_at_layer=layer)
-            xb, xf = cb[HOOK], cf[HOOK]
-            cos_all[i * bs : (i + 1) * bs] = torch.nn.functional.cosine_similarity(xb, xf, dim=-1).double()
-            euc_all[i * bs : (i + 1) * bs] = (xb - xf).norm(dim=-1).double()
+            mask = mask_all[i * bs : (i + 1) * bs].to(device)
+            _, cb = base.run_with_cache(toks, names_filter=[cache_hook], stop_at_layer=stop_layer)
+            _, cf = ft.run_with_cache(toks, names_filter=[cache_hook], stop_at_layer=stop_layer)
+            xb, xf = cb[cache_hook], cf[cache_hook]
+            cos_all[i * bs : (i + 1) * bs] = torch.nn.functional.cosine_similarity(xb, xf, dim=-1).double().cpu()
+            euc_all[i * bs : (i + 1) * bs] = (xb - xf).norm(dim=-1).double().cpu()
             fb, ff = sae.encode(xb[mask]), sae.encode(xf[mask])
-            acts_b[row : row + fb.shape[0]] = fb
-            acts_f[row : row + ff.shape[0]] = ff
+            acts_b[row : row + fb.shape[0]] = fb.cpu()
+            acts_f[row : row + ff.shape[0]] = ff.cpu()
             row += fb.shape[0]
     phases["paired_pass"] = time.perf_counter() - t
 
@@ -259,30 +293,48 @@ def run_saelens(args: argparse.Namespace) -> dict[str, Any]:
     density_r = float(np.corrcoef(log_b, log_f)[0, 1])
     dead_b, dead_f = dens_b == 0, dens_f == 0
     regular = torch.from_numpy((log_b >= -5) & (log_b <= -1) & (log_f >= -5) & (log_f <= -1))
-    A, B = acts_b[:, regular].double(), acts_f[:, regular].double()
-    A, B = A - A.mean(0), B - B.mean(0)
-    act_sim = (A * B).sum(0) / torch.sqrt((A * A).sum(0) * (B * B).sum(0))
-    act_sim = act_sim[torch.isfinite(act_sim)]
     one_dead = torch.from_numpy(dead_b ^ dead_f)
-    dead_err = (torch.log10(acts_b[:, one_dead].clamp_min(0).double() + eps) - torch.log10(acts_f[:, one_dead].clamp_min(0).double() + eps)).abs().mean(0)
+
+    def chunks(mask: Any) -> list[Any]:
+        idx = mask.nonzero().squeeze(1)
+        step = feature_chunk or max(1, idx.numel())
+        return [idx[i : i + step] for i in range(0, idx.numel(), step)] or [idx]
+
+    sims = []
+    for cols in chunks(regular):
+        A, B = acts_b[:, cols].double(), acts_f[:, cols].double()
+        A, B = A - A.mean(0), B - B.mean(0)
+        sims.append((A * B).sum(0) / torch.sqrt((A * A).sum(0) * (B * B).sum(0)))
+        del A, B
+    act_sim = torch.cat(sims)
+    act_sim = act_sim[torch.isfinite(act_sim)]
+    dead_err = torch.cat([
+        (torch.log10(acts_b[:, cols].clamp_min(0).double() + eps) - torch.log10(acts_f[:, cols].clamp_min(0).double() + eps)).abs().mean(0)
+        for cols in chunks(one_dead)
+    ])
 
     def folded(model: Any) -> Any:
         W_U = model.W_U.detach()
         w = getattr(model.ln_final, "w", None)
         return W_U * w.detach().unsqueeze(1) if isinstance(w, torch.Tensor) else W_U
 
-    W_dec = sae.W_dec.detach()[regular]
-    Lb, Lf = (W_dec @ folded(base)).double(), (W_dec @ folded(ft)).double()
-    Lb, Lf = Lb - Lb.mean(1, keepdim=True), Lf - Lf.mean(1, keepdim=True)
-    logit_sim = (Lb * Lf).sum(1) / torch.sqrt((Lb * Lb).sum(1) * (Lf * Lf).sum(1))
+    Ub, Uf = folded(base), folded(ft)
+    logit_parts = [torch.zeros(0, dtype=torch.float64)]
+    for cols in chunks(regular) if logit_weights else []:
+        W_dec = sae.W_dec.detach()[cols.to(sae.W_dec.device)].to(Ub.dtype)
+        Lb, Lf = (W_dec @ Ub).double(), (W_dec @ Uf).double()
+        Lb, Lf = Lb - Lb.mean(1, keepdim=True), Lf - Lf.mean(1, keepdim=True)
+        logit_parts.append(((Lb * Lf).sum(1) / torch.sqrt((Lb * Lb).sum(1) * (Lf * Lf).sum(1))).cpu())
+        del Lb, Lf
+    logit_sim = torch.cat(logit_parts)
+    del Ub, Uf
     resid_cos = float(cos_all[mask_all].mean())
     resid_euc = float(euc_all[mask_all].mean())
     by_pos = [float(cos_all[mask_all[:, p], p].mean()) if bool(mask_all[:, p].any()) else None for p in range(T)]
     phases["paired_metrics"] = time.perf_counter() - t
-    times = timing(info, t0, c0, load0)
     mb, mf = evals["base"][0], evals["ft"][0]
     return {
-        "side": "saelens", **info, **times, "phases_s": phases,
+        "t0": t0, "c0": c0, "load0": load0, "phases_s": phases,
         "rss_before_mb": rss_before, "peak_before_mb": peak_before, "peak_rss_mb": peak_rss_mb(),
         "feature_arrays_mb": 2 * acts_b.numel() * 4 / 2**20,
         "check": {

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-from .stats import rowwise_pearson
 
 
 def folded_unembed(model: Any) -> torch.Tensor:
@@ -34,20 +34,143 @@ def logit_similarity(
 ) -> torch.Tensor:
     """Per-feature Pearson correlation of W_dec[i]·W_U over the shared vocabulary.
 
-    Chunked over features so that only [chunk, n_vocab] logit weights exist at once.
-    Returns float64 [d_sae] on CPU.
+    The correlation of u = d·Wb and v = d·Wf over the vocabulary needs only Σu, Σv,
+    Σu², Σv², Σuv, and these factor through d_model-sized matrices. With the
+    unembeddings centred over the vocabulary (Wc = W − mean over tokens, which
+    leaves every Pearson correlation unchanged and makes Σu = Σv = 0 exactly), the
+    variances are the quadratic forms d Gb dᵀ and d Gf dᵀ of the Gram matrices
+    G = Wc Wcᵀ [d_model, d_model], and the covariance is d Gbf dᵀ, where only the
+    symmetric part of Wb Wfᵀ matters: (Gb + Gf − GΔ)/2 with GΔ the Gram matrix of
+    Δ = Wbc − Wfc. So the cost is three d_model² x n_vocab Gram products (one when
+    the two unembeddings are equal) instead of 2 x d_sae x d_model x n_vocab logit
+    weights, and nothing of size d_sae x n_vocab is formed.
+
+    Everything is float64: the centring (a first pass for the means, so no
+    n·Σu² − (Σu)² cancellation), the Gram matrices (accumulated over vocabulary
+    chunks of about ``chunk_elems`` float64 elements in all) and the quadratic forms (in
+    feature chunks). The base Gram matrix is reused while the same, unmodified
+    ``W_U_base`` tensor comes back (one per finetune of a run).
+
+    Returns float64 [d_sae] on CPU; NaN where either model's logit weights do not
+    vary over the vocabulary (a variance that is zero, or only float64 rounding
+    residue of the centring or of the Gram products; see ``_undefined``).
     """
-    d_sae = W_dec.shape[0]
     device = W_U_base.device
-    compute_dtype = torch.float32
-    Wb = W_U_base[:, :n_vocab].to(compute_dtype)
-    Wf = W_U_ft[:, :n_vocab].to(device=device, dtype=compute_dtype)
-    chunk = max(1, min(d_sae, chunk_elems // max(1, n_vocab)))
+    d_sae = W_dec.shape[0]
+    Wb = W_U_base[:, :n_vocab]
+    Wf = W_U_ft[:, :n_vocab].to(device)
+    same = Wb.dtype == Wf.dtype and torch.equal(Wb, Wf)
+    base = _base_gram(W_U_base, n_vocab, chunk_elems)
+    if same:
+        G_f, mean_f, G_d = base.gram, base.mean, torch.zeros_like(base.gram)
+    else:
+        G_f, mean_f, G_d = _grams_ft(Wb, Wf, base.mean, n_vocab, chunk_elems)
+    G_b, mean_b = base.gram, base.mean
+    tr_b, tr_f = float(torch.trace(G_b)), float(torch.trace(G_f))
+    stacked = torch.cat([G_b, G_f, G_d], dim=1)  # [d_model, 3 d_model]
+    d_model = G_b.shape[0]
     out = torch.empty(d_sae, dtype=torch.float64)
-    for start in range(0, d_sae, chunk):
-        dec = W_dec[start : start + chunk].to(device=device, dtype=compute_dtype)
-        out[start : start + chunk] = rowwise_pearson(dec @ Wb, dec @ Wf).cpu()
+    rows = max(1, min(d_sae, chunk_elems // max(1, 3 * d_model)))
+    for start in range(0, d_sae, rows):
+        D = W_dec[start : start + rows].to(device=device, dtype=torch.float64)
+        DG = (D @ stacked).view(D.shape[0], 3, d_model)
+        q = (DG * D.unsqueeze(1)).sum(-1)  # [rows, 3]: d Gb dᵀ, d Gf dᵀ, d GΔ dᵀ
+        var_b, var_f, var_d = q.unbind(1)
+        cov = (var_b + var_f - var_d) * 0.5
+        dd = (D * D).sum(1)
+        bad = _undefined(var_b, D @ mean_b, dd, tr_b, n_vocab) | _undefined(var_f, D @ mean_f, dd, tr_f, n_vocab)
+        den = torch.sqrt(var_b.clamp_min(0) * var_f.clamp_min(0))
+        r = (cov / torch.where(bad, torch.ones_like(den), den)).clamp_(-1.0, 1.0)
+        out[start : start + rows] = torch.where(bad, torch.nan, r).cpu()
     return out
+
+
+#: A variance below this fraction of the uncentred Σu² is left from the centring alone
+#: (its float64 residue is ~1e-30 of it): the logit weights are constant over the vocabulary.
+_REL_CENTRED = 1e-20
+#: A variance below this fraction of ‖d‖² tr(G) is Gram/quadratic-form rounding
+#: (≈ d_model x 1e-16 of it): the decoder row is (numerically) in the unembedding's
+#: null space, so the logit weights do not vary.
+_REL_GRAM = 1e-11
+
+
+def _undefined(var: torch.Tensor, d_mean: torch.Tensor, dd: torch.Tensor, trace: float, n_vocab: int) -> torch.Tensor:
+    uncentred = var + n_vocab * d_mean * d_mean  # Σ_v u_v² = d (Gc + n m mᵀ) dᵀ
+    return (var <= 0) | (var <= _REL_CENTRED * uncentred) | (var <= _REL_GRAM * dd * trace)
+
+
+class _Gram:
+    __slots__ = ("key", "ref", "gram", "mean")
+
+    def __init__(self, key: tuple, ref: Any, gram: torch.Tensor, mean: torch.Tensor) -> None:
+        self.key, self.ref, self.gram, self.mean = key, ref, gram, mean
+
+
+_BASE_CACHE: list[_Gram] = []  # at most one entry: the latest base unembedding
+
+
+def _base_gram(W_U_base: torch.Tensor, n_vocab: int, chunk_elems: int) -> _Gram:
+    import weakref
+
+    key = (W_U_base.data_ptr(), W_U_base._version, tuple(W_U_base.shape), W_U_base.stride(), W_U_base.dtype, str(W_U_base.device), n_vocab, chunk_elems)
+    if _BASE_CACHE:
+        hit = _BASE_CACHE[0]
+        if hit.key == key and hit.ref() is W_U_base:
+            return hit
+    Wb = W_U_base[:, :n_vocab]
+    mean = _vocab_mean(Wb, chunk_elems)
+    gram = torch.zeros(Wb.shape[0], Wb.shape[0], dtype=torch.float64, device=Wb.device)
+    for cols in _vocab_chunks(Wb, chunk_elems):
+        c = Wb[:, cols].to(torch.float64, copy=True).sub_(mean.unsqueeze(1))
+        _add_gram(gram, c)
+    def forget(ref: Any) -> None:  # the tensor is gone: drop its Gram matrix
+        if _BASE_CACHE and _BASE_CACHE[0].ref is ref:
+            _BASE_CACHE.clear()
+
+    entry = _Gram(key, weakref.ref(W_U_base, forget), gram, mean)
+    _BASE_CACHE[:] = [entry]
+    return entry
+
+
+def _grams_ft(
+    Wb: torch.Tensor, Wf: torch.Tensor, mean_b: torch.Tensor, n_vocab: int, chunk_elems: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Gf, mean_f, GΔ): the finetune's centred Gram matrix and that of the centred difference."""
+    mean_f = _vocab_mean(Wf, chunk_elems)
+    d = Wf.shape[0]
+    G_f = torch.zeros(d, d, dtype=torch.float64, device=Wf.device)
+    G_d = torch.zeros_like(G_f)
+    for cols in _vocab_chunks(Wf, chunk_elems):
+        cf = Wf[:, cols].to(torch.float64, copy=True).sub_(mean_f.unsqueeze(1))
+        _add_gram(G_f, cf)
+        cb = Wb[:, cols].to(torch.float64, copy=True).sub_(mean_b.unsqueeze(1))
+        _add_gram(G_d, cb.sub_(cf))
+    return G_f, mean_f, G_d
+
+
+def _vocab_chunks(W: torch.Tensor, chunk_elems: int) -> list[slice]:
+    """Vocabulary column blocks such that the float64 blocks alive at once (up to four
+    [d_model, step] ones in ``_grams_ft``) hold about ``chunk_elems`` elements."""
+    d, n = W.shape
+    step = max(1, min(n, chunk_elems // max(1, 4 * d)))
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _vocab_mean(W: torch.Tensor, chunk_elems: int) -> torch.Tensor:
+    total = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
+    for cols in _vocab_chunks(W, chunk_elems):
+        total += W[:, cols].to(torch.float64).sum(1)
+    return total / W.shape[1]
+
+
+def _add_gram(G: torch.Tensor, C: torch.Tensor) -> None:
+    """G += C Cᵀ (C float64 [d, k]). On the CPU through numpy, whose matmul runs
+    ``A @ A.T`` as a BLAS syrk (half the work of a general product)."""
+    if C.device.type == "cpu":
+        a = C.contiguous().numpy()
+        G += torch.from_numpy(np.matmul(a, a.T))
+    else:
+        G.addmm_(C, C.T)
 
 
 @torch.no_grad()
