@@ -26,6 +26,7 @@ from pytest_sae_transfer.report import (
     FeatureArrays,
     FinetuneResult,
     ModelResult,
+    RunReport,
     TransferReport,
 )
 
@@ -358,6 +359,26 @@ def test_all_passing_report() -> None:
     assert "overall: PASS (all 1 finetune passed)" in text
     assert "✗" not in text
     assert "SAE transfer: PASS" in render.markdown_summary(rep)
+
+
+def test_family_counts_only_the_judged_saes() -> None:
+    """With -k keeping one SAE's checks, the others are measured but not judged: the family
+    summary says so and counts its verdict over the judged SAEs only."""
+    judged = make_report(with_features=False)
+    judged.config = {**judged.config, "sae_key": "blocks.1.hook_resid_post"}
+    left_out = make_report(with_features=False)
+    left_out.config = {**left_out.config, "sae_key": "blocks.2.hook_resid_post", "hook_name": "blocks.2.hook_resid_post"}
+    for ft in left_out.finetunes:
+        ft.deselected = [c.id for c in ft.checks]
+        ft.checks = []
+    run = RunReport([judged, left_out])
+    n_failed_fts = sum(1 for ft in judged.finetunes if ft.passed is False)
+    text = render.terminal_summary(run)
+    assert "DESELECTED" in text
+    assert (f"overall: FAIL ({n_failed_fts} of {len(judged.finetunes)} judged (finetune, SAE) pairs failed; "
+            f"{len(left_out.finetunes)} measured but deselected)") in text
+    assert f"{BAD}: FAIL (1 of 1 SAEs failed; 1 deselected)" in text
+    assert "DESELECTED" in render.markdown_summary(run)
 
 
 # --------------------------------------------------------------------------- markdown

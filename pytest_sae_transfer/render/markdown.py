@@ -34,7 +34,7 @@ from .text import (
     sorted_checks,
 )
 
-_MD_ICON = {"PASS": "✅", "FAIL": "❌", "NO CHECKS": "⚪", "NO FINETUNES": "⚪"}
+_MD_ICON = {"PASS": "✅", "FAIL": "❌", "NO CHECKS": "⚪", "NO FINETUNES": "⚪", "DESELECTED": "⚪"}
 
 
 def _md(text: Any) -> str:

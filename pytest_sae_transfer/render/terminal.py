@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..report import FinetuneResult, RunReport, TransferReport
 from ..thresholds.explain import explain_finetune
@@ -156,16 +156,30 @@ def _family_summary(run: RunReport, width: int) -> list[str]:
             if r.verdict == "FAIL":
                 sae_report = run.sae(r.sae)
                 lines.append(f"  {r.sae}: {explain_finetune(sae_report, sae_report.finetune(ft)).lines[0]}")
-        n_fail = sum(1 for r in rows if r.verdict == "FAIL")
-        verdict = "FAIL" if n_fail else "PASS"
-        lines.append(f"{ft}: {verdict} ({n_fail} of {len(rows)} SAEs failed)" if n_fail else f"{ft}: PASS (all {len(rows)} SAEs passed)")
-    n_bad = sum(1 for r in run.saes for f in r.finetunes if f.passed is False)
+        lines.append(_family_line(ft, rows))
+    judged = [f for r in run.saes for f in r.finetunes if f.checks]
+    n_bad = sum(1 for f in judged if f.passed is False)
     lines.append("")
     lines.append("═" * min(width, 60))
     overall = "FAIL" if run.passed is False else ("PASS" if run.passed else "NO CHECKS")
-    lines.append(f"overall: {overall} ({n_bad} of {sum(len(r.finetunes) for r in run.saes)} (finetune, SAE) pairs failed)")
+    left_out = sum(len(r.finetunes) for r in run.saes) - len(judged)
+    aside = f"; {left_out} measured but deselected" if left_out else ""
+    lines.append(f"overall: {overall} ({n_bad} of {len(judged)} judged (finetune, SAE) pairs failed{aside})")
     lines.append("  the full per-SAE detail is in the HTML and markdown reports (--sae-report-dir), and with pytest -v")
     return lines
+
+
+def _family_line(ft: str, rows: list[Any]) -> str:
+    """``toy-code: FAIL (2 of 3 SAEs failed; 2 deselected)``: counts over the SAEs whose checks ran."""
+    judged = [r for r in rows if r.verdict in ("PASS", "FAIL")]
+    n_fail = sum(1 for r in judged if r.verdict == "FAIL")
+    n_out = sum(1 for r in rows if r.verdict == "DESELECTED")
+    aside = f"; {n_out} deselected" if n_out else ""
+    if n_fail:
+        return f"{ft}: FAIL ({n_fail} of {len(judged)} SAEs failed{aside})"
+    if judged:
+        return f"{ft}: PASS (all {len(judged)} SAEs passed{aside})"
+    return f"{ft}: NO CHECKS ({len(rows)} SAEs measured{aside})"
 
 
 def _sae_summary(report: TransferReport, width: int) -> list[str]:

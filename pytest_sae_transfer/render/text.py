@@ -136,6 +136,9 @@ def sorted_checks(checks: Iterable[CheckResult]) -> list[CheckResult]:
 def finetune_verdict(ft: FinetuneResult) -> tuple[str, str]:
     """``("FAIL", "3 of 12 checks failed")``, ``("PASS", "all 12 checks passed")``, ``("NO CHECKS", ...)``."""
     checks = list(ft.checks)
+    if not checks and ft.deselected:
+        n = len(ft.deselected)
+        return "DESELECTED", f"measured, not judged: its {n} check{'s' if n != 1 else ''} deselected (-k/-m)"
     if not checks:
         return "NO CHECKS", "no thresholds were checked"
     n = len(checks)
