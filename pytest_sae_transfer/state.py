@@ -244,10 +244,30 @@ class PluginState:
         if deselected:
             terminalreporter.write_line(f"{deselected} check{'s' if deselected > 1 else ''} deselected (-k/-m/--deselect): "
                                         "not part of the verdict; the JSON report lists them under \"deselected\"")
-        for path in self.written:
-            terminalreporter.write_line(f"sae-transfer wrote {path}")
+        for line in written_lines(self.written, verbose):
+            terminalreporter.write_line(line)
         if self.write_error:
             terminalreporter.write_line(f"ERROR: {self.write_error}", red=True, bold=True)
+
+
+def written_lines(paths: list[Any], verbose: bool) -> list[str]:
+    """What the run wrote: every file with -v; otherwise the files of one directory on one
+    line, plots counted rather than listed (a family run writes dozens)."""
+    if verbose:
+        return [f"sae-transfer wrote {p}" for p in paths]
+    by_dir: dict[str, list[str]] = {}
+    for p in paths:
+        by_dir.setdefault(os.path.dirname(str(p)), []).append(os.path.basename(str(p)))
+    lines = []
+    for directory, names in by_dir.items():
+        n_png = sum(1 for n in names if n.endswith(".png"))
+        shown = [n for n in names if not n.endswith(".png")] + ([f"{n_png} plot{'s' if n_png != 1 else ''} (PNG)"] if n_png else [])
+        listing = ", ".join(shown)
+        if directory and len(names) > 1:
+            lines.append(f"sae-transfer wrote {os.path.join(directory, '')}: {listing}")
+        else:
+            lines.append(f"sae-transfer wrote {', '.join(os.path.join(directory, n) for n in names) if n_png == 0 else listing}")
+    return lines
 
 
 STATE_KEY = pytest.StashKey[PluginState]()

@@ -225,3 +225,15 @@ def test_warn_check_points_at_its_table(pytester: pytest.Pytester, cache: str) -
     assert result.ret == 0, out
     assert "gate.toml:4: SAETransferWarning: toy-code: finetune.l0" in out, out
     assert "gate.py" not in out
+
+
+def test_written_files_fit_on_a_line_unless_verbose() -> None:
+    from pytest_sae_transfer.state import written_lines
+
+    paths = ["r.json", "r.features.npz", "out/summary.md", "out/report.html"] + [f"out/toy-code__p{i}.png" for i in range(20)]
+    assert written_lines(paths, verbose=False) == [
+        "sae-transfer wrote r.json, r.features.npz",
+        "sae-transfer wrote out/: summary.md, report.html, 20 plots (PNG)",
+    ]
+    assert written_lines(paths, verbose=True) == [f"sae-transfer wrote {p}" for p in paths]
+    assert written_lines(["/abs/report.json"], verbose=False) == ["sae-transfer wrote /abs/report.json"]
