@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from ..metrics.model import ModelBatch
 
 
 @dataclasses.dataclass
@@ -20,10 +19,6 @@ class BaseView:
     feats: torch.Tensor  # float32 [B, T, d_sae]
     included: torch.Tensor  # bool [B, T]
     finite: torch.Tensor  # bool [B, T]
-
-
-def activations_finite(b: ModelBatch) -> torch.Tensor:
-    return torch.isfinite(b.x).all(-1) & torch.isfinite(b.x_hat).all(-1) & torch.isfinite(b.feats).all(-1)
 
 
 class BaseSpill:

@@ -16,7 +16,7 @@ from ..metrics.paired import PairBatchStats, PairedAccumulator
 from ..metrics.topk import Candidates, TopKAccumulator
 from .options import EngineError, EngineOptions
 from .runner import ModelRunner
-from .spill import BaseSpill, BaseView, activations_finite
+from .spill import BaseSpill, BaseView
 from .steps import included_mask, is_oom, sae_roundtrip
 
 
@@ -129,7 +129,7 @@ class Sweep:
         for slot in self.slots:
             if base_live:
                 b = self._model_batch(slot, base_xs[slot.layer], included)
-                view = BaseView(b.x, b.feats, included, activations_finite(b))
+                view = BaseView(b.x, b.feats, included, b.finite_mask())
                 base_acc = self.acc.base.get(slot.key)
                 if base_acc is not None:
                     base_spliced.append((slot, b, self._measure(pending, base_acc, b)))
@@ -143,9 +143,9 @@ class Sweep:
                 ft_included = included.to(runner.device)
                 fb = self._model_batch(slot, ft_xs[name][slot.layer], ft_included)
                 ft_spliced[name].append((slot, fb, self._measure(pending, self.acc.finetunes[(name, slot.key)], fb)))
-                self._top(pending, self.acc.topk.get((name, slot.key)), fb.feats, ft_included & activations_finite(fb), cursor)
+                self._top(pending, self.acc.topk.get((name, slot.key)), fb.feats, ft_included & fb.finite_mask(), cursor)
                 dev = view.x.device
-                mask = view.included & view.finite & activations_finite(fb).to(dev)
+                mask = view.included & view.finite & fb.finite_mask().to(dev)
                 pair = self.acc.pairs[(name, slot.key)]
                 pending.pairs.append((pair, pair.measure(view.x, fb.x.to(dev), view.feats, fb.feats.to(dev), mask)))
                 fb.feats = fb.x_hat = _SPENT  # measured: the dense features can go

@@ -46,13 +46,16 @@ class ModelBatch:
     ce_zero: torch.Tensor | None = None
     kl: torch.Tensor | None = None
     x_spliced: torch.Tensor | None = None  # the engine's spliced input, until its continuation has run
+    finite: torch.Tensor | None = None  # finite_mask(), once computed (three readers per batch)
 
     def finite_mask(self) -> torch.Tensor:
         """bool [B, T]: the token's activation, features and reconstruction are all finite
         (``nonfinite_fraction`` counts the included tokens where this is False)."""
-        ok = torch.isfinite(self.x).all(-1) & torch.isfinite(self.x_hat).all(-1)
-        ok &= torch.isfinite(self.feats).all(-1)
-        return ok
+        if self.finite is None:
+            ok = torch.isfinite(self.x).all(-1) & torch.isfinite(self.x_hat).all(-1)
+            ok &= torch.isfinite(self.feats).all(-1)
+            self.finite = ok
+        return self.finite
 
     def loss_finite_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ce_ok [B, T-1], kl_ok [B, T]): where the three CE values, and the KL, are finite.
