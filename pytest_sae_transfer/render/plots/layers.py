@@ -28,10 +28,11 @@ def plot_layer_profile(run: RunReport, ft: str, path: str | Path) -> Path | None
     axes = fig.subplots(2, 2)
     variants = list(dict.fromkeys(r.variant for r in rows))
     styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D"]  # a variant with one SAE is a lone point: its marker tells it apart
     for ax, (title, ylabel, base_of, ft_of) in zip(axes.flat, _PANELS):
         for vi, name in enumerate(variants):
             group = [r for r in rows if r.variant == name]
-            style = styles[vi % len(styles)]
+            style = (styles[vi % len(styles)], markers[vi % len(markers)])
             suffix = "" if len(variants) == 1 else f" ({name})"
             if base_of is not None:
                 _line(ax, group, base_of, BASE_COLOR, style, f"{short_name(run.saes[0].base.model, 24)}{suffix}")
@@ -43,15 +44,17 @@ def plot_layer_profile(run: RunReport, ft: str, path: str | Path) -> Path | None
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel, fontsize=9)
         ax.set_xlabel("hook position (blocks.L.hook_resid_pre = L, _post = L + 1)", fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # hook positions are whole layers
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"Layer profile: {short_name(run.saes[0].base.model)} → {short_name(ft)}, {len(rows)} SAEs", fontsize=11)
     return save_png(fig, path)
 
 
-def _line(ax: object, group: list[SAERow], value_of: object, color: str, style: str, label: str) -> None:
+def _line(ax: object, group: list[SAERow], value_of: object, color: str, style: tuple[str, str], label: str) -> None:
     points = [(r.position, value_of(r)) for r in group if value_of(r) is not None]  # type: ignore[operator]
     if not points:
         return
     xs, ys = zip(*points)
-    ax.plot(xs, ys, style, color=color, marker="o", markersize=4, label=label)  # type: ignore[attr-defined]
+    linestyle, marker = style
+    ax.plot(xs, ys, linestyle, color=color, marker=marker, markersize=4 if marker == "o" else 6, label=label)  # type: ignore[attr-defined]
