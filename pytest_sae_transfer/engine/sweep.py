@@ -132,7 +132,7 @@ class Sweep:
                 view = BaseView(b.x, b.feats, included, activations_finite(b))
                 base_acc = self.acc.base.get(slot.key)
                 if base_acc is not None:
-                    base_spliced.append((slot, b, self._measure(pending, base_acc, b)))
+                    base_spliced.append((slot, b, self._measure(pending, base_acc, b, view.finite)))
                     self._top(pending, self.acc.topk_base.get(slot.key), b.feats, included & view.finite, cursor)
                 if spills is not None:
                     pending.spills.append((spills[slot.key], BaseSpill.pack(view)))
@@ -142,10 +142,11 @@ class Sweep:
             for name, runner in ft_runners:
                 ft_included = included.to(runner.device)
                 fb = self._model_batch(slot, ft_xs[name][slot.layer], ft_included)
-                ft_spliced[name].append((slot, fb, self._measure(pending, self.acc.finetunes[(name, slot.key)], fb)))
-                self._top(pending, self.acc.topk.get((name, slot.key)), fb.feats, ft_included & activations_finite(fb), cursor)
+                ft_finite = activations_finite(fb)  # once per batch: it reads the whole [B, T, d_sae] features
+                ft_spliced[name].append((slot, fb, self._measure(pending, self.acc.finetunes[(name, slot.key)], fb, ft_finite)))
+                self._top(pending, self.acc.topk.get((name, slot.key)), fb.feats, ft_included & ft_finite, cursor)
                 dev = view.x.device
-                mask = view.included & view.finite & activations_finite(fb).to(dev)
+                mask = view.included & view.finite & ft_finite.to(dev)
                 pair = self.acc.pairs[(name, slot.key)]
                 pending.pairs.append((pair, pair.measure(view.x, fb.x.to(dev), view.feats, fb.feats.to(dev), mask)))
                 fb.feats = fb.x_hat = _SPENT  # measured: the dense features can go
@@ -174,8 +175,8 @@ class Sweep:
             pending.topk.append((top, top.candidates(feats, mask, cursor)))
 
     @staticmethod
-    def _measure(pending: _Pending, acc: ModelAccumulator, batch: ModelBatch) -> BatchStats:
-        st = acc.measure(batch)
+    def _measure(pending: _Pending, acc: ModelAccumulator, batch: ModelBatch, finite: torch.Tensor) -> BatchStats:
+        st = acc.measure(batch, finite)
         pending.model.append((acc, st))
         return st
 
