@@ -153,8 +153,8 @@ ARCHS: dict[str, Arch] = {
     # Between the two: big enough that the engine's memory terms (logits over a 32k vocabulary,
     # [tokens, 8192] features) stand well above allocator noise, small enough for a test (seconds).
     "small-gemma": Arch(
-        name="small-gemma", tl=_gemma_tl(256, 2, 128, 1, 1024, 32000), n_layers=2, max_ctx=256,
-        hook="blocks.0.hook_resid_post", d_sae=8192, tied_embeddings=True, embed_scale=math.sqrt(256),
+        name="small-gemma", tl=_gemma_tl(128, 1, 128, 1, 512, 32000), n_layers=2, max_ctx=256,
+        hook="blocks.0.hook_resid_post", d_sae=8192, tied_embeddings=True, embed_scale=math.sqrt(128),
         init_range=0.06, bos=2, special_ids=(0, 1, 2), l0=16.0,
     ),
     "tiny-mistral": Arch(
