@@ -298,20 +298,28 @@ def weights_probe(setup: rm.RealSetup) -> dict[str, float]:
     return {"logit_similarity_s": time.perf_counter() - t0}
 
 
+def _engine_work(a: Any, args: Any, item: int) -> int:
+    from pytest_sae_transfer.engine import memory
+
+    tl = a.tl
+    shape = memory.ModelShape(tl["d_model"], tl["d_vocab"], tl["d_mlp"], tl["n_heads"], 0, item)
+    est = memory.estimate(shape, [memory.SAEShape(tl["d_model"], a.d_sae)], args.batch_size, args.context_size)
+    return est.total - est.terms["weights"] - est.terms["saes"]
+
+
 def memory_estimate_mb(args: Any) -> dict[str, float]:
     """A rough peak-RSS estimate per side (CPU runs), from the arch's shapes, before building.
 
-    Models: two of them. Engine: the base's unembedding with the final norm folded in
-    (a d_model x vocab copy held through the run, for models with an unfolded final norm,
-    as these are), the finetune's during the weight metrics, and ``frobenius_ratio``'s
-    float64 copy of an unembedding (one at a time). sae_lens side: run_evals holds about
+    Models: two of them. Engine: the models and the SAE plus what the engine's memory model
+    (``pytest_sae_transfer.engine.memory``) predicts beyond weights (logit work buffers,
+    features, forward working set, weight-metric chunks). sae_lens side: run_evals holds about
     six [batch x context x vocab] float32 tensors (three runs' logits and their
     log-softmax), both models' features [tokens x d_sae] in float32, and its float64
     logit-weight chunks. Floor: about two float32 logit tensors.
     """
     a = rm.ARCHS[args.arch]
     item = torch.tensor([], dtype=DTYPES[args.dtype]).element_size()
-    d, V, d_sae = a.tl["d_model"], a.tl["d_vocab"], a.d_sae
+    V, d_sae = a.tl["d_vocab"], a.d_sae
     base = 2 * rm.param_count(a, args.layers) * item + rm.sae_param_count(a) * 4 + 600 * 2**20
     batch_logits = args.batch_size * args.context_size * V * 4
     n_max = max(args.tokens)
@@ -319,7 +327,7 @@ def memory_estimate_mb(args: Any) -> dict[str, float]:
     mb = 2.0**20
     return {
         "models_and_sae": base / mb,
-        "engine": (base + 2 * d * V * item + 8 * d * V) / mb,
+        "engine": (base + _engine_work(a, args, item)) / mb,
         "saelens": (base + 6 * batch_logits + 2 * n_max * d_sae * 4 + 4 * chunk * V * 8) / mb,
         "floor": (base + 2 * batch_logits) / mb,
     }

@@ -150,6 +150,13 @@ ARCHS: dict[str, Arch] = {
         hook="blocks.0.hook_resid_post", d_sae=256, tied_embeddings=True, embed_scale=math.sqrt(64),
         init_range=0.12, bos=2, special_ids=(0, 1, 2), l0=8.0,
     ),
+    # Between the two: big enough that the engine's memory terms (logits over a 32k vocabulary,
+    # [tokens, 8192] features) stand well above allocator noise, small enough for a test (seconds).
+    "small-gemma": Arch(
+        name="small-gemma", tl=_gemma_tl(128, 1, 128, 1, 512, 32000), n_layers=2, max_ctx=256,
+        hook="blocks.0.hook_resid_post", d_sae=8192, tied_embeddings=True, embed_scale=math.sqrt(128),
+        init_range=0.06, bos=2, special_ids=(0, 1, 2), l0=16.0,
+    ),
     "tiny-mistral": Arch(
         name="tiny-mistral", tl=_mistral_tl(64, 4, 16, 2, 224, 384, 4096), n_layers=3, max_ctx=256,
         hook="blocks.1.hook_resid_pre", d_sae=512, tied_embeddings=False, embed_scale=1.0,

@@ -7,10 +7,12 @@ Pure torch, usable without pytest::
 Modules: ``options`` (options, error, outputs) · ``runner`` (a model cut at the
 hook, its continuations, CE and KL) · ``sweep`` (the batch loop with out-of-memory
 halving) · ``spill`` (sequential mode's scratch files) · ``assemble`` (results
-from the accumulators) · ``transfer`` (``run_transfer``).
+from the accumulators) · ``transfer`` (``run_transfer``) · ``memory`` (the predicted
+device memory of a run, and the batch size / sequential plan taken from it on CUDA).
 May import: ``errors``, ``loading``, ``metrics``, ``report``.
 """
 
+from . import memory
 from .options import ENGINE_VERSION, BaseState, EngineError, EngineOptions, EngineOutput, EngineRun
 from .runner import ModelRunner, hook_layer
 from .transfer import evaluate_transfer, run_transfer, run_transfer_many
@@ -25,6 +27,7 @@ __all__ = [
     "ModelRunner",
     "evaluate_transfer",
     "hook_layer",
+    "memory",
     "run_transfer",
     "run_transfer_many",
 ]

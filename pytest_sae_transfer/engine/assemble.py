@@ -18,7 +18,7 @@ from ..metrics.feature_rank import rank_features
 from ..metrics.model import ModelAccumulator
 from ..metrics.pairs import clean_metrics, paired_metrics
 from ..metrics.promoted import promoted_tokens
-from ..metrics.weights import folded_unembed, weight_metrics
+from ..metrics.weights import Unembedding, unembedding, weight_metrics
 from ..report import FeatureArrays, FinetuneResult, ModelResult, TransferReport
 from ..report.feature_section import build_features_section, listed_ids
 from .options import ENGINE_VERSION, BaseState, EngineOptions, EngineOutput
@@ -45,7 +45,11 @@ class Assembler:
         self.states: dict[str, BaseState] = dict(cached)
         self.results: dict[str, list[FinetuneResult]] = {s.key: [] for s in slots}
         self.features: dict[str, FeatureArrays] = {s.key: FeatureArrays() for s in slots}
-        self.W_U_base = folded_unembed(base).detach()
+        # The base's W_U itself (a view of its parameter, no copy) and its final-norm weight:
+        # the weight metrics and promoted tokens fold it in chunk by chunk. In sequential mode
+        # the base stays loaded through the finetunes' sweeps too (the engine holds it), so the
+        # view stays valid; a caller that unloaded it would need a copy here.
+        self.U_base = unembedding(base)
         self.base_blocks: Any = base
 
     def finish_base(self) -> None:
@@ -63,8 +67,8 @@ class Assembler:
 
     def finish_finetune(self, name: str, model: Any) -> None:
         """Every SAE's result for finetune ``name``, whose model is still loaded."""
-        W_U_ft = folded_unembed(model).detach()
-        weights = weight_metrics(self.base_blocks, model, {s.key: s.sae.W_dec.detach() for s in self.slots}, self.W_U_base, W_U_ft)
+        U_ft = unembedding(model)
+        weights = weight_metrics(self.base_blocks, model, {s.key: s.sae.W_dec.detach() for s in self.slots}, self.U_base, U_ft)
         for slot in self.slots:
             state = self.states[slot.key]
             ft_acc, pair = self.acc.finetunes[(name, slot.key)], self.acc.pairs[(name, slot.key)]
@@ -78,7 +82,7 @@ class Assembler:
                     result.delta_ci95, result.ratio_ci95 = paired_model_intervals(state.context_tables, ft_acc.context_tables(), self.weights)
             top = self.acc.topk.get((name, slot.key))
             top_ft = top.result() if top is not None else None
-            result.features = self._features_section(slot, vectors, state, top_ft, W_U_ft)
+            result.features = self._features_section(slot, vectors, state, top_ft, U_ft)
             features = self.features[slot.key]
             features.vectors[name] = vectors
             if top_ft is not None:
@@ -87,13 +91,13 @@ class Assembler:
                 features.histograms[f"{name}/{hist_key}"] = hist
             self.results[slot.key].append(result)
 
-    def _features_section(self, slot: SAESlot, vectors: Mapping[str, Any], state: BaseState, top_ft: Any, W_U_ft: torch.Tensor) -> dict[str, Any]:
+    def _features_section(self, slot: SAESlot, vectors: Mapping[str, Any], state: BaseState, top_ft: Any, U_ft: Unembedding) -> dict[str, Any]:
         """Which features broke, with their text and what they promote on each model."""
         watched = list(self.options.watched_features)  # in range: checked before the pass
         rankings = rank_features(vectors, n=self.options.n_worst)
         ids = listed_ids(rankings, watched)
         W_dec = slot.sae.W_dec.detach()
-        promoted = {"base": promoted_tokens(W_dec, self.W_U_base, ids), "finetune": promoted_tokens(W_dec, W_U_ft, ids)}
+        promoted = {name: promoted_tokens(W_dec, u.W, ids, scale=u.scale) for name, u in (("base", self.U_base), ("finetune", U_ft))}
         return build_features_section(vectors, rankings, {"base": state.topk, "finetune": top_ft}, self.tokens,
                                       getattr(self.base, "tokenizer", None), promoted, watched=watched, special_ids=self.special_ids)
 

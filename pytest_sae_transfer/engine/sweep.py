@@ -175,7 +175,7 @@ class Sweep:
 
     @staticmethod
     def _measure(pending: _Pending, acc: ModelAccumulator, batch: ModelBatch) -> BatchStats:
-        st = acc.measure(batch)
+        st = acc.measure(batch, batch.finite_mask())
         pending.model.append((acc, st))
         return st
 

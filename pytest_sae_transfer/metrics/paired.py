@@ -36,9 +36,12 @@ class PairBatchStats:
 
 
 class PairedAccumulator:
-    def __init__(self, d_sae: int, context_size: int) -> None:
+    def __init__(self, d_sae: int, context_size: int, chunk_elems: int = 1 << 22) -> None:
         f64 = torch.float64
         self.d_sae = d_sae
+        #: The feature sums read the masked tokens in row blocks of about this many elements,
+        #: so the per-batch transient is a few such blocks, not several [tokens, d_sae] copies.
+        self.chunk_elems = chunk_elems
         self.context_size = context_size
         self.n = 0.0
         self.sum_a = torch.zeros(d_sae, dtype=f64)
@@ -73,24 +76,44 @@ class PairedAccumulator:
         sel_cos = cos[mask]
         sel_euc = euc[mask].clamp_min(1e-30).log10()
 
-        a = f_base[mask]
-        b = f_ft[mask]
-        # The dead-feature error: |log10(max(a,0)+ε) − log10(max(b,0)+ε)|, summed per
-        # feature. Where neither activation is positive the term is exactly 0, so only the
-        # (sparse) entries where one is positive are evaluated.
-        rows, cols = ((a > 0) | (b > 0)).nonzero(as_tuple=True)
-        log_a = a[rows, cols].clamp_min(0).to(f64).add_(LOG_EPS).log10_()
-        log_b = b[rows, cols].clamp_min(0).to(f64).add_(LOG_EPS).log10_()
-        log_err = torch.zeros(self.d_sae, dtype=f64, device=a.device).index_add_(0, cols, log_a.sub_(log_b).abs_())
+        sums, n = self._feature_sums(f_base, f_ft, mask)
         return PairBatchStats(
-            n=float(a.shape[0]),
-            sums=torch.stack([a.sum(0, dtype=f64), b.sum(0, dtype=f64), (a * a).sum(0, dtype=f64),
-                              (b * b).sum(0, dtype=f64), (a * b).sum(0, dtype=f64), log_err]).cpu(),
+            n=float(n),
+            sums=sums.cpu(),
             pos=torch.stack([m.sum(0), cos.sum(0), euc.sum(0)]).cpu(),
             context=torch.stack([m.sum(1), cos.sum(1), euc.sum(1)], dim=1),
             cos_hist=_hist(sel_cos, COSINE_EDGES).cpu(),
             euc_hist=_hist(sel_euc, EUCLID_LOG10_EDGES).cpu(),
         )
+
+    def _feature_sums(self, f_base: torch.Tensor, f_ft: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """float64 [6, d_sae] (Σa, Σb, Σa², Σb², Σab, Σ|log err|) over the masked tokens, and their count.
+
+        The masked rows are read a block at a time (``chunk_elems``): products in float32 as
+        the features are, sums in float64, so that no [tokens, d_sae] copy (nor its float64
+        image) is ever formed whole."""
+        f64 = torch.float64
+        D = f_base.shape[-1]
+        fa, fb = f_base.reshape(-1, D), f_ft.reshape(-1, D)
+        idx = mask.reshape(-1).nonzero().squeeze(1)
+        sums = torch.zeros(6, D, dtype=f64, device=fa.device)
+        step = max(1, self.chunk_elems // max(1, D))
+        for start in range(0, idx.numel(), step):
+            i = idx[start : start + step]
+            a, b = fa.index_select(0, i), fb.index_select(0, i)
+            sums[0] += a.sum(0, dtype=f64)
+            sums[1] += b.sum(0, dtype=f64)
+            sums[2] += (a * a).sum(0, dtype=f64)
+            sums[3] += (b * b).sum(0, dtype=f64)
+            sums[4] += (a * b).sum(0, dtype=f64)
+            # The dead-feature error: |log10(max(a,0)+ε) − log10(max(b,0)+ε)|, summed per
+            # feature. Where neither activation is positive the term is exactly 0, so only the
+            # (sparse) entries where one is positive are evaluated.
+            rows, cols = ((a > 0) | (b > 0)).nonzero(as_tuple=True)
+            log_a = a[rows, cols].clamp_min(0).to(f64).add_(LOG_EPS).log10_()
+            log_b = b[rows, cols].clamp_min(0).to(f64).add_(LOG_EPS).log10_()
+            sums[5].index_add_(0, cols, log_a.sub_(log_b).abs_())
+        return sums, int(idx.numel())
 
     def commit(self, st: PairBatchStats) -> None:
         """Add a measured batch to the totals."""

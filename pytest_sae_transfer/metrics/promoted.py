@@ -52,12 +52,16 @@ def promoted_tokens(
     feature_ids: Iterable[int],
     n: int = DEFAULT_N_PROMOTED,
     chunk_elems: int = 1 << 24,
+    scale: torch.Tensor | None = None,
 ) -> dict[int, list[tuple[int, float]]]:
     """``{feature id: [(token id, W_dec[id] · W_U[:, token]), ...]}``, n tokens per feature, best first.
 
     ``W_dec`` is [d_sae, d_model] and ``W_U`` [d_model, d_vocab] (on any devices);
     the products are computed in float32 on ``W_U``'s device. Ids outside
-    ``[0, d_sae)`` raise ``IndexError``; duplicates are computed once.
+    ``[0, d_sae)`` raise ``IndexError``; duplicates are computed once. ``scale`` [d_model]
+    is a final-norm weight not folded into ``W_U`` yet: the decoder rows are scaled instead
+    (d · diag(s) W_U = (d ∘ s) · W_U). A W_U that is not float32 is converted one vocabulary
+    block at a time, never whole.
     """
     ids = sorted({int(i) for i in feature_ids})
     d_sae = W_dec.shape[0]
@@ -69,14 +73,23 @@ def promoted_tokens(
     if W_dec.shape[1] != W_U.shape[0]:
         raise ValueError(f"W_dec is {tuple(W_dec.shape)} but W_U is {tuple(W_U.shape)}: their d_model differ")
     device = W_U.device
-    unembed = W_U.to(torch.float32)
-    n = min(n, unembed.shape[1])
-    chunk = max(1, chunk_elems // max(1, unembed.shape[1]))
+    d_model, vocab = W_U.shape
+    n = min(n, vocab)
+    chunk = max(1, chunk_elems // max(1, vocab))
     out: dict[int, list[tuple[int, float]]] = {}
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
         index = torch.tensor(part, dtype=torch.int64, device=W_dec.device)
-        logits = W_dec.index_select(0, index).to(device=device, dtype=torch.float32) @ unembed
+        rows = W_dec.index_select(0, index).to(device=device, dtype=torch.float32)
+        if scale is not None:
+            rows = rows * scale.to(device=device, dtype=W_U.dtype).to(torch.float32)
+        if W_U.dtype == torch.float32:
+            logits = rows @ W_U
+        else:
+            logits = torch.empty(len(part), vocab, dtype=torch.float32, device=device)
+            step = max(1, chunk_elems // max(1, d_model))
+            for v in range(0, vocab, step):
+                torch.matmul(rows, W_U[:, v : v + step].to(torch.float32), out=logits[:, v : v + step])
         vals, toks = _top_rows(logits, n)
         for fid, v_row, t_row in zip(part, vals.cpu().tolist(), toks.cpu().tolist()):
             out[fid] = list(zip(t_row, v_row))

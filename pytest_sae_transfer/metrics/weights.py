@@ -3,32 +3,61 @@ norm ratio and the per-block weight deviation."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import torch
 
 
+@dataclasses.dataclass(frozen=True)
+class Unembedding:
+    """A model's unembedding as it holds it, W [d_model, d_vocab] (no copy), and the final
+    normalisation's weight ``scale`` [d_model] still to be folded in (None: nothing to fold).
 
-def folded_unembed(model: Any) -> torch.Tensor:
-    """W_U [d_model, d_vocab] with the final normalisation's weight folded in.
+    The folded matrix diag(scale) W is never formed whole: the weight metrics scale each
+    vocabulary chunk's rows as they read it, and the promoted tokens scale the decoder rows
+    instead (d · diag(s) W = (d ∘ s) · W)."""
 
-    With ``fold_ln=True`` TransformerLens has already folded it (ln_final has no
-    ``w``); otherwise fold it here, which is what ``fold_ln`` would have done.
-    """
-    W_U = model.W_U.detach()
+    W: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    def folded(self) -> torch.Tensor:
+        """diag(scale) W as one tensor (a [d_model, d_vocab] copy when there is a scale)."""
+        return self.W if self.scale is None else self.scale.to(self.W.dtype).unsqueeze(1) * self.W
+
+
+def unembedding(model: Any) -> Unembedding:
+    """The model's W_U and, when TransformerLens has not folded it (``fold_ln=False``), the
+    final normalisation's weight: what ``fold_ln`` would have multiplied into W_U's rows."""
     ln_final = getattr(model, "ln_final", None)
     w = getattr(ln_final, "w", None) if ln_final is not None else None
-    if isinstance(w, torch.Tensor):
-        W_U = w.detach().to(W_U.dtype).unsqueeze(1) * W_U
-    return W_U
+    return Unembedding(model.W_U.detach(), w.detach() if isinstance(w, torch.Tensor) else None)
+
+
+def folded_unembed(model: Any) -> torch.Tensor:
+    """W_U [d_model, d_vocab] with the final normalisation's weight folded in (a copy when
+    there is one to fold; the engine uses :func:`unembedding` and folds chunk by chunk)."""
+    return unembedding(model).folded()
+
+
+def _as_unembedding(W: torch.Tensor | Unembedding) -> Unembedding:
+    return W if isinstance(W, Unembedding) else Unembedding(W, None)
+
+
+def _block(W: torch.Tensor, scale: torch.Tensor | None, cols: slice) -> torch.Tensor:
+    """float64 copy of W[:, cols], its rows multiplied by ``scale`` (the fold, on the fly)."""
+    c = W[:, cols].to(torch.float64, copy=True)
+    if scale is not None:
+        c.mul_(scale.to(device=c.device, dtype=W.dtype).to(torch.float64).unsqueeze(1))
+    return c
 
 
 @torch.no_grad()
 def logit_similarity(
     W_dec: torch.Tensor,
-    W_U_base: torch.Tensor,
-    W_U_ft: torch.Tensor,
+    W_U_base: torch.Tensor | Unembedding,
+    W_U_ft: torch.Tensor | Unembedding,
     n_vocab: int,
     chunk_elems: int = 1 << 25,
 ) -> torch.Tensor:
@@ -51,20 +80,26 @@ def logit_similarity(
     feature chunks). The base Gram matrix is reused while the same, unmodified
     ``W_U_base`` tensor comes back (one per finetune of a run).
 
+    Either unembedding may be an :class:`Unembedding` whose final-norm weight is not
+    folded in yet: each vocabulary chunk is scaled as it is read, so no folded
+    [d_model, d_vocab] copy exists, only the float64 chunks.
+
     Returns float64 [d_sae] on CPU; NaN where either model's logit weights do not
     vary over the vocabulary (a variance that is zero, or only float64 rounding
     residue of the centring or of the Gram products; see ``_undefined``).
     """
-    device = W_U_base.device
+    ub, uf = _as_unembedding(W_U_base), _as_unembedding(W_U_ft)
+    device = ub.W.device
     d_sae = W_dec.shape[0]
-    Wb = W_U_base[:, :n_vocab]
-    Wf = W_U_ft[:, :n_vocab].to(device)
-    same = Wb.dtype == Wf.dtype and torch.equal(Wb, Wf)
-    base = _base_gram(W_U_base, n_vocab, chunk_elems)
+    Wb = ub.W[:, :n_vocab]
+    Wf = uf.W[:, :n_vocab].to(device)
+    sb, sf = ub.scale, (uf.scale.to(device) if uf.scale is not None else None)
+    same = Wb.dtype == Wf.dtype and torch.equal(Wb, Wf) and _same_scale(sb, sf)
+    base = _base_gram(ub, n_vocab, chunk_elems)
     if same:
         G_f, mean_f, G_d = base.gram, base.mean, torch.zeros_like(base.gram)
     else:
-        G_f, mean_f, G_d = _grams_ft(Wb, Wf, base.mean, n_vocab, chunk_elems)
+        G_f, mean_f, G_d = _grams_ft(Wb, sb, Wf, sf, base.mean, chunk_elems)
     G_b, mean_b = base.gram, base.mean
     tr_b, tr_f = float(torch.trace(G_b)), float(torch.trace(G_f))
     stacked = torch.cat([G_b, G_f, G_d], dim=1)  # [d_model, 3 d_model]
@@ -109,20 +144,28 @@ class _Gram:
 _BASE_CACHE: list[_Gram] = []  # at most one entry: the latest base unembedding
 
 
-def _base_gram(W_U_base: torch.Tensor, n_vocab: int, chunk_elems: int) -> _Gram:
+def _same_scale(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _base_gram(ub: Unembedding, n_vocab: int, chunk_elems: int) -> _Gram:
     import weakref
 
-    key = (W_U_base.data_ptr(), W_U_base._version, tuple(W_U_base.shape), W_U_base.stride(), W_U_base.dtype, str(W_U_base.device), n_vocab, chunk_elems)
+    W_U_base, s = ub.W, ub.scale
+    scale_key = None if s is None else (s.data_ptr(), s._version, tuple(s.shape), s.dtype, str(s.device))
+    key = (W_U_base.data_ptr(), W_U_base._version, tuple(W_U_base.shape), W_U_base.stride(), W_U_base.dtype, str(W_U_base.device),
+           scale_key, n_vocab, chunk_elems)
     if _BASE_CACHE:
         hit = _BASE_CACHE[0]
         if hit.key == key and hit.ref() is W_U_base:
             return hit
     Wb = W_U_base[:, :n_vocab]
-    mean = _vocab_mean(Wb, chunk_elems)
+    mean = _vocab_mean(Wb, s, chunk_elems)
     gram = torch.zeros(Wb.shape[0], Wb.shape[0], dtype=torch.float64, device=Wb.device)
     for cols in _vocab_chunks(Wb, chunk_elems):
-        c = Wb[:, cols].to(torch.float64, copy=True).sub_(mean.unsqueeze(1))
-        _add_gram(gram, c)
+        _add_gram(gram, _block(Wb, s, cols).sub_(mean.unsqueeze(1)))
     def forget(ref: Any) -> None:  # the tensor is gone: drop its Gram matrix
         if _BASE_CACHE and _BASE_CACHE[0].ref is ref:
             _BASE_CACHE.clear()
@@ -133,17 +176,18 @@ def _base_gram(W_U_base: torch.Tensor, n_vocab: int, chunk_elems: int) -> _Gram:
 
 
 def _grams_ft(
-    Wb: torch.Tensor, Wf: torch.Tensor, mean_b: torch.Tensor, n_vocab: int, chunk_elems: int
+    Wb: torch.Tensor, sb: torch.Tensor | None, Wf: torch.Tensor, sf: torch.Tensor | None, mean_b: torch.Tensor, chunk_elems: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Gf, mean_f, GΔ): the finetune's centred Gram matrix and that of the centred difference."""
-    mean_f = _vocab_mean(Wf, chunk_elems)
+    """(Gf, mean_f, GΔ): the finetune's centred Gram matrix and that of the centred difference
+    (``sb``/``sf``: final-norm weights folded into each chunk, or None)."""
+    mean_f = _vocab_mean(Wf, sf, chunk_elems)
     d = Wf.shape[0]
     G_f = torch.zeros(d, d, dtype=torch.float64, device=Wf.device)
     G_d = torch.zeros_like(G_f)
     for cols in _vocab_chunks(Wf, chunk_elems):
-        cf = Wf[:, cols].to(torch.float64, copy=True).sub_(mean_f.unsqueeze(1))
+        cf = _block(Wf, sf, cols).sub_(mean_f.unsqueeze(1))
         _add_gram(G_f, cf)
-        cb = Wb[:, cols].to(torch.float64, copy=True).sub_(mean_b.unsqueeze(1))
+        cb = _block(Wb, sb, cols).sub_(mean_b.unsqueeze(1))
         _add_gram(G_d, cb.sub_(cf))
     return G_f, mean_f, G_d
 
@@ -156,10 +200,10 @@ def _vocab_chunks(W: torch.Tensor, chunk_elems: int) -> list[slice]:
     return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
-def _vocab_mean(W: torch.Tensor, chunk_elems: int) -> torch.Tensor:
+def _vocab_mean(W: torch.Tensor, scale: torch.Tensor | None, chunk_elems: int) -> torch.Tensor:
     total = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
     for cols in _vocab_chunks(W, chunk_elems):
-        total += W[:, cols].to(torch.float64).sum(1)
+        total += _block(W, scale, cols).sum(1)
     return total / W.shape[1]
 
 
@@ -174,8 +218,22 @@ def _add_gram(G: torch.Tensor, C: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def frobenius_ratio(W_ft: torch.Tensor, W_base: torch.Tensor) -> float:
-    return float(W_ft.double().norm() / W_base.double().norm().to(W_ft.device))
+def frobenius_ratio(W_ft: torch.Tensor | Unembedding, W_base: torch.Tensor | Unembedding, n_vocab: int | None = None,
+                    chunk_elems: int = 1 << 24) -> float:
+    """‖W_ft‖_F / ‖W_base‖_F over the first ``n_vocab`` columns (default: all), in float64,
+    accumulated over column chunks of about ``chunk_elems`` elements (no whole float64 copy)."""
+    return _frobenius(_as_unembedding(W_ft), n_vocab, chunk_elems) / _frobenius(_as_unembedding(W_base), n_vocab, chunk_elems)
+
+
+def _frobenius(u: Unembedding, n_vocab: int | None, chunk_elems: int) -> float:
+    W = u.W if n_vocab is None else u.W[:, :n_vocab]
+    d, n = W.shape
+    step = max(1, min(n, chunk_elems // max(1, d))) if n else 1
+    total = torch.zeros((), dtype=torch.float64, device=W.device)
+    for s in range(0, n, step):
+        c = _block(W, u.scale, slice(s, s + step))
+        total += (c * c).sum()
+    return float(total.sqrt())
 
 
 @torch.no_grad()
@@ -199,12 +257,13 @@ def weight_deviation(base_blocks: list[dict[str, torch.Tensor]], finetune: Any) 
     return out
 
 
-def weight_metrics(base: Any, finetune: Any, W_decs: dict[str, torch.Tensor], W_U_base: torch.Tensor,
-                   W_U_ft: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
+def weight_metrics(base: Any, finetune: Any, W_decs: dict[str, torch.Tensor], W_U_base: torch.Tensor | Unembedding,
+                   W_U_ft: torch.Tensor | Unembedding | None = None) -> dict[str, dict[str, Any]]:
     """Weight-only paired metrics, per SAE key (logit similarity depends on the SAE's decoder;
-    the rest is computed once). ``base`` is the base model or its blocks' parameters."""
+    the rest is computed once). ``base`` is the base model or its blocks' parameters. The
+    unembeddings are folded tensors, or :class:`Unembedding` s folded chunk by chunk."""
     notes: list[str] = []
-    V_base = W_U_base.shape[1]
+    V_base = _as_unembedding(W_U_base).W.shape[1]
     V_ft = finetune.cfg.d_vocab_out
     n_vocab = min(V_base, V_ft)
     if V_ft != V_base:
@@ -212,10 +271,10 @@ def weight_metrics(base: Any, finetune: Any, W_decs: dict[str, torch.Tensor], W_
             f"vocabulary sizes differ (base {V_base}, finetune {V_ft}); weight-based metrics use the shared first {n_vocab} tokens"
         )
     if W_U_ft is None:
-        W_U_ft = folded_unembed(finetune)
+        W_U_ft = unembedding(finetune)
     base_blocks = base if isinstance(base, list) else [dict(b.named_parameters()) for b in base.blocks]
     shared = {
-        "unembed_frobenius_ratio": frobenius_ratio(W_U_ft[:, :n_vocab], W_U_base[:, :n_vocab].to(W_U_ft.device)),
+        "unembed_frobenius_ratio": frobenius_ratio(W_U_ft, W_U_base, n_vocab),
         "weight_deviation": weight_deviation(base_blocks, finetune),
         "n_shared_vocab": n_vocab,
     }

@@ -16,7 +16,8 @@ from typing import Any, Callable, ContextManager, Iterable
 
 from .. import __version__
 from ..config import RunConfig
-from ..engine import ENGINE_VERSION, BaseState, EngineOptions, run_transfer_many
+from ..engine import ENGINE_VERSION, BaseState, EngineOptions, hook_layer, memory, run_transfer_many
+from ..engine.memory import MemoryPlan
 from ..loading import LoadedModel, LoadedSAE, model_identity, quiet_third_party_warnings
 from ..report import FeatureArrays, PairResult, RunReport, TransferReport
 from ..thresholds import Profile, evaluate_checks
@@ -207,19 +208,26 @@ class TransferSession:
                 stack.enter_context(store.lock(lock_key))
             yield
 
-    def _sequential(self, base: LoadedModel, n_finetunes: int) -> bool:
-        """Whether the finetunes must run one at a time after the base (they would not fit beside it)."""
-        if self.config.sequential:
-            return True
+    def _memory_plan(self, base: LoadedModel, finetunes: list[str], keys: list[str]) -> MemoryPlan | None:
+        """On CUDA, the batch size and mode the memory model says fit (``engine.memory``); None elsewhere.
+
+        What the run may use is the free device memory plus what its models already hold there
+        (the base, and finetunes loaded by an earlier computation), which the prediction counts."""
         device = self.inputs.device
-        if not device.startswith("cuda") or n_finetunes == 0:
-            return False
+        if not device.startswith("cuda"):
+            return None
         import torch
 
-        model_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
         free, _total = torch.cuda.mem_get_info(torch.device(device))
-        # Keep a quarter of what is free for activations and logits.
-        return n_finetunes * model_bytes > 0.75 * free
+        held = sum(
+            sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+            for name, loaded in self.inputs.models.items() if name == self.inputs.base_name or name in finetunes
+        )
+        saes = [self.inputs.sae_by_key(k) for k in keys]
+        layers = {hook_layer(s.hook_name, base.model.cfg.n_layers) for s in saes}
+        return memory.plan(free + held, memory.ModelShape.of(base.model), [memory.SAEShape.of(s.sae) for s in saes],
+                           self.config.batch_size, int(self.inputs.token_set.tokens.shape[1]), n_finetunes=len(finetunes),
+                           n_captured=len(layers), force_sequential=self.config.sequential)
 
     def _transient_model(self, name: str) -> Callable[[], Any]:
         def load() -> Any:
@@ -234,16 +242,23 @@ class TransferSession:
         """Run the engine for these finetunes and SAEs (the bases already known are not recomputed)."""
         with quiet_third_party_warnings():
             base = self.inputs.model(self.inputs.base_name)
-            sequential = self._sequential(base, len(finetunes))
+            mem_plan = self._memory_plan(base, finetunes, keys)
+            sequential = mem_plan.sequential if mem_plan is not None else self.config.sequential
             if sequential:
                 models = [(ft, self._transient_model(ft)) for ft in finetunes]
             else:
                 models = [(ft, self.inputs.model(ft).model) for ft in finetunes]
             options = dataclasses.replace(self.engine_options(), sequential=sequential)
+            run_config = None
+            if mem_plan is not None:
+                options = dataclasses.replace(options, batch_size=mem_plan.batch_size)
+                run_config = {"memory_plan": mem_plan.config()}
+                if mem_plan.batch_size < self.config.batch_size or (mem_plan.sequential and not self.config.sequential) or not mem_plan.fits:
+                    self.notes.append(mem_plan.describe())
             saes = {k: self.inputs.sae_by_key(k).sae for k in keys}
             with self._quiet_context():
                 run = run_transfer_many(
-                    base.model, models, saes, self.inputs.token_set.tokens, options,
+                    base.model, models, saes, self.inputs.token_set.tokens, options, config=run_config,
                     base_name=self.inputs.base_name, base_states={k: self._base_states[k] for k in keys if k in self._base_states},
                 )
         self._engine_runs.append(dict(next(iter(run.outputs.values())).report.config))
