@@ -24,7 +24,7 @@ class BaseView:
 class BaseSpill:
     """The base's activations and (sparse) features, written per batch to a scratch directory.
 
-    Size on disk: about tokens x (4 d_in + 8 L0) bytes; memory stays one batch.
+    Size on disk: about tokens x (4 d_in + 12 L0) bytes (row, column and value per firing); memory stays one batch.
     """
 
     def __init__(self, directory: str) -> None:
