@@ -15,7 +15,9 @@ same random contexts:
            at a time so the float64 temporaries stay bounded at real widths).
 * floor    per batch and model: one full forward pass with its loss (capturing the hook
            activation on the way), the SAE round trip, and one spliced continuation with
-           its loss. Nothing else: the least any tool can do to report clean and spliced CE.
+           its loss (TransformerLens's own loss over full logits). Nothing else: the passes
+           any tool needs to report clean and spliced CE, written the plain way; the
+           engine's chunked in-place CE/KL and fused continuations can beat it.
 
 For each side it reports tokens/s at each token count, the marginal time per token
 between the counts (least squares over the counts), the fixed cost (the intercept: time
