@@ -10,7 +10,7 @@ import types
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..report import CheckResult
-from .parse import type_name
+from .sources import type_name
 from .vocabulary import (
     BOUND_KEYS,
     DERIVED_RTOL,

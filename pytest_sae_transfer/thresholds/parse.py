@@ -10,7 +10,7 @@ import types
 from typing import Any, Mapping
 
 from ..metrics.keys import CHECKABLE_PAIRED_KEYS, MODEL_METRIC_KEYS
-from .sources import Source, read_toml, resolve_entry, resolve_extends, suggest
+from .sources import Source, is_number, read_toml, resolve_entry, resolve_extends, suggest, type_name
 from .vocabulary import (
     BOUND_KEYS,
     CHECK_OPTION_KEYS,
@@ -26,22 +26,6 @@ from .vocabulary import (
     ProfileError,
 )
 from .watchlist import ParsedFeatures, merge_watchlists, parse_features_table
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, str):
-        return f"string {value!r}"
-    if isinstance(value, dict):
-        return "table"
-    if isinstance(value, list):
-        return "array"
-    return f"{type(value).__name__} {value!r}"
 
 
 @dataclasses.dataclass

@@ -95,6 +95,24 @@ def _looks_like_path(text: str) -> bool:
     return text.endswith(".toml") or "/" in text or os.sep in text or (os.altsep or "/") in text
 
 
+def is_number(value: Any) -> bool:
+    """A TOML number: int or float, not a boolean (which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def type_name(value: Any) -> str:
+    """A TOML value as an error message names it: its type, and the value where it is short."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, dict):
+        return "table"
+    if isinstance(value, list):
+        return "array"
+    return f"{type(value).__name__} {value!r}"
+
+
 def suggest(word: str, options: Iterable[str]) -> str:
     options = [o for o in options]
     match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)

@@ -53,7 +53,7 @@ import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .sources import Source, suggest
+from .sources import Source, is_number, suggest, type_name
 from .vocabulary import SEVERITIES, ProfileError
 
 #: Bound key -> (quantity, op) of the CheckResult it produces, in evaluation order.
@@ -142,27 +142,11 @@ def _is_checked(key: str, value: Any) -> bool:
 # ---------------------------------------------------------------------------- parsing
 
 
-def _type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, str):
-        return f"string {value!r}"
-    if isinstance(value, dict):
-        return "table"
-    if isinstance(value, list):
-        return "array"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _feature_id(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             raise ProfileError(f"{where}: feature id must be an integer, got {value!r}; write {int(value)}")
-        raise ProfileError(f"{where}: feature id must be a non-negative integer, got {_type_name(value)}")
+        raise ProfileError(f"{where}: feature id must be a non-negative integer, got {type_name(value)}")
     if value < 0:
         raise ProfileError(f"{where}: feature id must be a non-negative integer, got {value}")
     return int(value)
@@ -171,7 +155,7 @@ def _feature_id(value: Any, where: str) -> int:
 def check_label(label: Any, where: str) -> str:
     """A label is shown in gate item ids, so it must be short, printable and free of '::'."""
     if not isinstance(label, str):
-        raise ProfileError(f"{where}: label must be a string, got {_type_name(label)}")
+        raise ProfileError(f"{where}: label must be a string, got {type_name(label)}")
     text = label.strip()
     if not text:
         raise ProfileError(f"{where}: label is empty; leave it out, or name what the feature is about")
@@ -186,7 +170,7 @@ def check_label(label: Any, where: str) -> str:
 
 def _severity(value: Any, where: str) -> str:
     if not isinstance(value, str) or value not in SEVERITIES:
-        shown = repr(value) if isinstance(value, str) else _type_name(value)
+        shown = repr(value) if isinstance(value, str) else type_name(value)
         raise ProfileError(
             f"{where}: severity must be \"fail\" or \"warn\", got {shown}; " + suggest(str(value).lower(), SEVERITIES)
         )
@@ -196,10 +180,10 @@ def _severity(value: Any, where: str) -> str:
 def _bound(key: str, value: Any, where: str) -> Any:
     if key == "must_stay_alive":
         if not isinstance(value, bool):
-            raise ProfileError(f"{where}: must be true or false, got {_type_name(value)}")
+            raise ProfileError(f"{where}: must be true or false, got {type_name(value)}")
         return value
-    if not _is_number(value):
-        raise ProfileError(f"{where}: bound must be a number, got {_type_name(value)}")
+    if not is_number(value):
+        raise ProfileError(f"{where}: bound must be a number, got {type_name(value)}")
     if not math.isfinite(value):
         raise ProfileError(f"{where}: bound must be finite, got {value!r}")
     value = float(value)
@@ -271,18 +255,18 @@ def parse_features_table(table: Any, src: Source) -> ParsedFeatures:
     """Validate one profile's ``[features]`` table (see the module docstring)."""
     where = f"{src.display}: [features]"
     if not isinstance(table, dict):
-        raise ProfileError(f"{src.display}: key 'features' must be a table [features], got {_type_name(table)}")
+        raise ProfileError(f"{src.display}: key 'features' must be a table [features], got {type_name(table)}")
     parsed = ParsedFeatures([], [], set(), None, "", None, None)
     for key, value in table.items():
         kwhere = f"{where} key '{key}'"
         if key == "ids":
             if not isinstance(value, list):
-                raise ProfileError(f"{kwhere}: must be an array of feature ids like [12, 40, 311], got {_type_name(value)}")
+                raise ProfileError(f"{kwhere}: must be an array of feature ids like [12, 40, 311], got {type_name(value)}")
             for i, item in enumerate(value):
                 parsed.listed.append(WatchedFeature(id=_feature_id(item, f"{kwhere} item {i}"), source=f"{where} key 'ids'"))
         elif key == "file":
             if not isinstance(value, str) or not value.strip():
-                raise ProfileError(f"{kwhere}: must be a path to a file of feature ids, got {_type_name(value)}")
+                raise ProfileError(f"{kwhere}: must be a path to a file of feature ids, got {type_name(value)}")
             handle = Path(value) if Path(value).is_absolute() else src.sibling(value)
             display = os.fspath(handle) if isinstance(handle, Path) else str(handle)
             try:
@@ -295,14 +279,14 @@ def parse_features_table(table: Any, src: Source) -> ParsedFeatures:
                 parsed.listed.append(WatchedFeature(id=fid, label=label, source=line))
         elif key == "min_firings":
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ProfileError(f"{kwhere}: must be a positive integer, got {_type_name(value)}")
+                raise ProfileError(f"{kwhere}: must be a positive integer, got {type_name(value)}")
             parsed.min_firings = int(value)
         elif key == "severity":
             parsed.severity = _severity(value, kwhere)
         elif key == "defaults":
             dwhere = f"{src.display}: [features.defaults]"
             if not isinstance(value, dict):
-                raise ProfileError(f"{kwhere}: must be a table [features.defaults] of bounds, got {_type_name(value)}")
+                raise ProfileError(f"{kwhere}: must be a table [features.defaults] of bounds, got {type_name(value)}")
             bounds, _ = _bounds_table(value, dwhere, ())
             parsed.defaults = bounds
             parsed.defaults_source = dwhere
@@ -310,12 +294,12 @@ def parse_features_table(table: Any, src: Source) -> ParsedFeatures:
             fwhere = f"{src.display}: [features.{key}]"
             if not isinstance(value, dict):
                 hint = f'; for a label write [features.{key}] with label = "..."' if isinstance(value, str) else ""
-                raise ProfileError(f"{kwhere}: must be a table [features.{key}], got {_type_name(value)}{hint}")
+                raise ProfileError(f"{kwhere}: must be a table [features.{key}], got {type_name(value)}{hint}")
             bounds, extra = _bounds_table(value, fwhere, FEATURE_OPTION_KEYS)
             fid = int(key)
             if "enabled" in extra:
                 if not isinstance(extra["enabled"], bool):
-                    raise ProfileError(f"{fwhere} key 'enabled': must be true or false, got {_type_name(extra['enabled'])}")
+                    raise ProfileError(f"{fwhere} key 'enabled': must be true or false, got {type_name(extra['enabled'])}")
                 if not extra["enabled"]:
                     parsed.disabled.add(fid)
                     continue
