@@ -31,7 +31,7 @@ for _p in (HERE, HERE / "reliability"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from rel_runner import Run, run_inprocess  # noqa: E402
+from rel_runner import Run, offline_single_thread, run_inprocess  # noqa: E402
 
 from pytest_sae_transfer.thresholds import explain_verdict  # noqa: E402
 
@@ -45,19 +45,8 @@ _runs = itertools.count()
 
 @pytest.fixture(scope="module", autouse=True)
 def _offline_and_one_thread() -> Any:
-    import os
-
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")}
-    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with offline_single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,12 @@ the behaviour needs a process boundary.
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from rel_fixtures import build
-from rel_runner import Run, plugin_args, run_inprocess
+from rel_runner import Run, offline_single_thread, plugin_args, run_inprocess
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,19 +23,8 @@ def _offline_env() -> Any:
     in this process and in the subprocesses (rel_runner.env_for_subprocess): kind to a shared
     machine, and the same float summation order everywhere, so cross-process runs compare bit
     for bit."""
-    import torch
-
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")}
-    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with offline_single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ concurrent processes and xdist workers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -18,7 +19,7 @@ import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pytest
 from rel_fixtures import TOKENS
@@ -76,6 +77,29 @@ def run_inprocess(cwd: Path, *args: str, plugins: Sequence[Any] = ()) -> Run:
         os.chdir(old)
         _forget_test_modules(cwd)
     return Run(int(ret), out.getvalue(), err.getvalue(), cwd, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def offline_single_thread() -> Iterator[None]:
+    """No hub access (fail fast instead of waiting on the network) and one torch intra-op
+    thread, restored afterwards: kind to a shared machine, and the same float summation
+    order in every run, so runs compare bit for bit."""
+    import torch
+
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def env_for_subprocess(extra: dict[str, str] | None = None) -> dict[str, str]:
