@@ -369,6 +369,11 @@ def child(side: str, n_tokens: int, args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     print(f"[bench] {side:8s} {n_tokens:>8d} tokens ...", file=sys.stderr, flush=True)
+    return run_child(cmd)
+
+
+def run_child(cmd: list[str]) -> dict[str, Any]:
+    """Run one child measurement in a fresh process (its own peak RSS); its last JSON line."""
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"child run failed ({' '.join(cmd)}): exit {proc.returncode}")

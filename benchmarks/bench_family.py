@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_engine import SPECIAL, cpu_seconds, current_rss_mb, pack_tokens, peak_rss_mb  # noqa: E402
+from bench_engine import SPECIAL, cpu_seconds, current_rss_mb, pack_tokens, peak_rss_mb, run_child  # noqa: E402
 
 SIDES = ("multi", "separate", "saelens")
 #: The family: the standard SAE of toy-res at every layer of toy-base.
@@ -101,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             print(f"[family] {side:8s} {n:>7d} tokens ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-            if proc.returncode != 0:
-                raise SystemExit(f"child failed: {' '.join(cmd)}")
-            res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+            res = run_child(cmd)
             runs.append(res)
             print(f"[family] {side:8s} {res['n_tokens']:>7d} tokens: {res['elapsed_s']:7.1f} s, peak RSS {res['peak_rss_mb']:6.0f} MB",
                   file=sys.stderr, flush=True)
