@@ -269,33 +269,25 @@ def warm_up(sides: list[str], setup: rm.RealSetup, tokens: torch.Tensor, args: A
     """One untimed batch per side, for first-call costs (lazy imports, allocator and BLAS
     warm-up). The logit-weight computations of the engine and the sae_lens side are left
     out: minutes at real widths, and no first-call cost of their own."""
-    import pytest_sae_transfer.engine as engine_module
-
-    stub = getattr(engine_module, "logit_similarity", None)  # an engine internal; skipped if it moved
-    if stub is not None:
-        engine_module.logit_similarity = lambda W_dec, *a, **k: torch.full((W_dec.shape[0],), float("nan"), dtype=torch.float64)
-    try:
+    with rm.logit_similarity_skipped():
         for side in sides:
             if side == "saelens":
                 side_saelens(setup, tokens, args.batch_size, args.feature_chunk, logit_weights=False)
             else:
                 run_side(side, setup, tokens, args)
-    finally:
-        if stub is not None:
-            engine_module.logit_similarity = stub
 
 
 @torch.no_grad()
 def weights_probe(setup: rm.RealSetup) -> dict[str, float]:
     """The engine's logit similarity, timed alone (cold): the biggest part of its fixed cost."""
-    from pytest_sae_transfer.metrics.weights import folded_unembed, logit_similarity
+    from pytest_sae_transfer.metrics.weights import logit_similarity, unembedding
 
     device = next(setup.base.parameters()).device
     sync(device)
     t0 = time.perf_counter()
-    Wb, Wf = folded_unembed(setup.base), folded_unembed(setup.finetune)
-    n_vocab = min(Wb.shape[1], Wf.shape[1])
-    logit_similarity(setup.sae.W_dec.detach(), Wb, Wf, n_vocab)
+    ub, uf = unembedding(setup.base), unembedding(setup.finetune)  # as the engine reads them: folded chunk by chunk
+    n_vocab = min(ub.W.shape[1], uf.W.shape[1])
+    logit_similarity(setup.sae.W_dec.detach(), ub, uf, n_vocab)
     sync(device)
     return {"logit_similarity_s": time.perf_counter() - t0}
 

@@ -169,14 +169,8 @@ def main(argv: list[str] | None = None) -> int:
           f"RSS {rss_mb():.0f} MB", file=sys.stderr, flush=True)
     tokens = setup.tokens(args.tokens, args.context_size, max(args.batch_sizes), seed=7)
     # warm-up (lazy imports, thread pools) on one context, weight metrics stubbed out
-    from pytest_sae_transfer.metrics import weights
-
-    real_ls = weights.logit_similarity
-    weights.logit_similarity = lambda W_dec, *a, **k: torch.full((W_dec.shape[0],), float("nan"), dtype=torch.float64)
-    try:
+    with rm.logit_similarity_skipped():
         measure(setup, tokens[:1], 1, 10)
-    finally:
-        weights.logit_similarity = real_ls
     records = []
     for b in args.batch_sizes:
         rec = {"arch": args.arch, "layers": args.layers, "context_size": args.context_size, "label": args.label,

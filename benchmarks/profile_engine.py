@@ -151,35 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--share-embedding", action="store_true",
                     help="the finetune uses the base's W_E tensor (saves one d_vocab x d_model copy; W_U and blocks stay perturbed)")
-    ap.add_argument("--bounded-frobenius", action="store_true",
-                    help="replace the engine's unembedding Frobenius ratio by a chunked float64 one (same value): the engine's "
-                         "own makes two full float64 copies of the unembeddings (measure that with --mode frobenius)")
-    ap.add_argument("--no-fold-copy", action="store_true",
-                    help="the engine's folded_unembed returns W_U itself where ln_final.w is all ones (as here: folding is then "
-                         "the identity); the engine's own copies it (2 GB per model at Gemma width in float32)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import pytest_sae_transfer.engine as engine_module
-
     if args.mode == "frobenius":
         return frobenius_mode(args)
     if args.mode == "pyspy-summary":
         return pyspy_summary(args.pyspy_file, args.within)
-    if args.bounded_frobenius:
-        engine_module.frobenius_ratio = chunked_frobenius_ratio
-    if args.no_fold_copy:
-        folded = engine_module.folded_unembed
-
-        def folded_no_copy(model: Any) -> torch.Tensor:
-            w = getattr(getattr(model, "ln_final", None), "w", None)
-            if isinstance(w, torch.Tensor) and bool((w == 1).all()):
-                return model.W_U.detach()
-            return folded(model)
-
-        engine_module.folded_unembed = folded_no_copy
 
     t = time.perf_counter()
     setup = rm.build(args.arch, layers=args.layers, dtype=br.DTYPES[args.dtype], n_ctx=args.context_size, context_size=args.context_size)
@@ -193,12 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = setup.tokens(args.tokens, args.context_size, args.batch_size, seed=7)
     # warm-up batch (lazy imports, allocator), untimed; its logit similarity is stubbed out
     # (minutes at real widths, and measured in the run proper)
-    real_logit_similarity = engine_module.logit_similarity
-    engine_module.logit_similarity = lambda W_dec, *a, **k: torch.full((W_dec.shape[0],), float("nan"), dtype=torch.float64)
-    try:
+    with rm.logit_similarity_skipped():
         br.side_engine(setup, tokens[: args.batch_size], args.batch_size, n_bootstrap=10)
-    finally:
-        engine_module.logit_similarity = real_logit_similarity
     out: dict[str, Any] = {"settings": vars(args), "hook": setup.hook, "notes": setup.notes}
     loaded = br._proc_status_mb("VmRSS")
 

@@ -43,9 +43,11 @@ tests and ``--tiny`` modes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -485,3 +487,18 @@ def sae_param_count(arch: str | Arch) -> int:
     a = _arch(arch)
     d = a.tl["d_model"]
     return 2 * d * a.d_sae + a.d_sae + d
+
+
+@contextlib.contextmanager
+def logit_similarity_skipped() -> Iterator[None]:
+    """The engine's logit similarity returns NaN inside this block: for untimed warm-up runs,
+    where it would cost minutes at real widths and has no first-call cost of its own. It
+    patches ``metrics.weights.logit_similarity``, the name the engine's weight metrics call."""
+    from pytest_sae_transfer.metrics import weights
+
+    real = weights.logit_similarity
+    weights.logit_similarity = lambda W_dec, *a, **k: torch.full((W_dec.shape[0],), float("nan"), dtype=torch.float64)
+    try:
+        yield
+    finally:
+        weights.logit_similarity = real
