@@ -175,7 +175,7 @@ class Sweep:
 
     @staticmethod
     def _measure(pending: _Pending, acc: ModelAccumulator, batch: ModelBatch) -> BatchStats:
-        st = acc.measure(batch, batch.finite_mask())
+        st = acc.measure(batch)  # its finite mask is computed once and kept on the batch
         pending.model.append((acc, st))
         return st
 
