@@ -11,16 +11,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..metrics.model import BatchStats, ModelAccumulator, ModelBatch
+from ..metrics.entries import DensityGate, FeatureEntries, feature_entries
+from ..metrics.model import L0_SUM, N_EVAL, BatchStats, ModelAccumulator, ModelBatch
 from ..metrics.paired import PairBatchStats, PairedAccumulator
 from ..metrics.topk import Candidates, TopKAccumulator
 from .options import EngineError, EngineOptions
 from .runner import ModelRunner
 from .spill import BaseSpill, BaseView
 from .steps import included_mask, is_oom, sae_roundtrip
-
-
-_SPENT = torch.empty(0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +82,8 @@ class Sweep:
         self.on_batch = on_batch
         self.batch_size = options.batch_size
         self.oom_splits = 0
+        #: Per SAE: read its features as nonzero entries (sparse SAEs) or densely.
+        self.density = DensityGate()
 
     def run(self, base_live: bool, ft_runners: list[tuple[str, ModelRunner]], spills: dict[str, BaseSpill] | None) -> None:
         """One sweep over the tokens. With ``base_live`` the base runs here (and is written to
@@ -127,56 +127,66 @@ class Sweep:
         base_spliced: list[tuple[SAESlot, ModelBatch, BatchStats]] = []  # base sides that need losses
         ft_spliced: dict[str, list[tuple[SAESlot, ModelBatch, BatchStats]]] = {name: [] for name, _ in ft_runners}
         for slot in self.slots:
+            sparse = self.density.sparse(slot.key)
             if base_live:
-                b = self._model_batch(slot, base_xs[slot.layer], included)
+                b = self._model_batch(slot, base_xs[slot.layer], included, sparse)
                 view = BaseView(b.x, b.feats, included, b.finite_mask())
+                base_entries = b.entries() if sparse else None
                 base_acc = self.acc.base.get(slot.key)
                 if base_acc is not None:
-                    base_spliced.append((slot, b, self._measure(pending, base_acc, b)))
-                    self._top(pending, self.acc.topk_base.get(slot.key), b.feats, included & view.finite, cursor)
+                    base_spliced.append((slot, b, self._measure(pending, base_acc, b, slot.key)))
+                    self._top(pending, self.acc.topk_base.get(slot.key), b, cursor)
                 if spills is not None:
                     pending.spills.append((spills[slot.key], BaseSpill.pack(view)))
             else:
                 assert spills is not None
                 view = spills[slot.key].read(cursor, toks_cpu.shape[0], device)
+                base_entries = feature_entries(view.feats, view.included & view.finite) if sparse else None
             for name, runner in ft_runners:
                 ft_included = included.to(runner.device)
-                fb = self._model_batch(slot, ft_xs[name][slot.layer], ft_included)
-                ft_spliced[name].append((slot, fb, self._measure(pending, self.acc.finetunes[(name, slot.key)], fb)))
-                self._top(pending, self.acc.topk.get((name, slot.key)), fb.feats, ft_included & fb.finite_mask(), cursor)
+                fb = self._model_batch(slot, ft_xs[name][slot.layer], ft_included, sparse)
+                ft_spliced[name].append((slot, fb, self._measure(pending, self.acc.finetunes[(name, slot.key)], fb, slot.key)))
+                self._top(pending, self.acc.topk.get((name, slot.key)), fb, cursor)
                 dev = view.x.device
                 mask = view.included & view.finite & fb.finite_mask().to(dev)
+                entries = _pair_entries(base_entries, fb, dev)
                 pair = self.acc.pairs[(name, slot.key)]
-                pending.pairs.append((pair, pair.measure(view.x, fb.x.to(dev), view.feats, fb.feats.to(dev), mask)))
-                fb.feats = fb.x_hat = _SPENT  # measured: the dense features can go
+                pending.pairs.append((pair, pair.measure(view.x, fb.x.to(dev), view.feats, fb.feats.to(dev), mask, entries)))
+                fb.release()  # measured: the dense features can go
             if base_live:
-                b.feats = b.x_hat = _SPENT
+                b.release()
         if base_spliced:
             self._losses(self.base_runner, toks, base_xs, base_spliced)
         for name, runner in ft_runners:
             self._losses(runner, toks.to(runner.device), ft_xs[name], ft_spliced[name])
         return pending
 
-    def _model_batch(self, slot: SAESlot, x: torch.Tensor, included: torch.Tensor) -> ModelBatch:
+    def _model_batch(self, slot: SAESlot, x: torch.Tensor, included: torch.Tensor, sparse: bool) -> ModelBatch:
         """One model's batch for one SAE: the activation, its round trip, the outlier mask, and
         (kept in ``x_spliced``) the input with the reconstruction spliced in."""
         feats, x_hat = sae_roundtrip(slot.sae, x)
         x32 = x.float()
         outlier = x32.norm(dim=-1) > slot.outlier_norm if slot.outlier_norm is not None else torch.zeros_like(included)
-        batch = ModelBatch(x=x32, x_hat=x_hat, feats=feats, included=included, outlier=outlier)
+        batch = ModelBatch(x=x32, x_hat=x_hat, feats=feats, included=included, outlier=outlier, sparse=sparse)
         splice = (included & ~outlier).unsqueeze(-1)
         batch.x_spliced = torch.where(splice, x_hat.to(x.dtype), x)
         return batch
 
     @staticmethod
-    def _top(pending: _Pending, top: TopKAccumulator | None, feats: torch.Tensor, mask: torch.Tensor, cursor: int) -> None:
-        if top is not None:
-            pending.topk.append((top, top.candidates(feats, mask, cursor)))
+    def _top(pending: _Pending, top: TopKAccumulator | None, batch: ModelBatch, cursor: int) -> None:
+        if top is None:
+            return
+        if batch.sparse:
+            cand = top.candidates_from_entries(batch.entries(), cursor, batch.included.shape[1])
+        else:
+            cand = top.candidates(batch.feats, batch.included & batch.finite_mask(), cursor)
+        pending.topk.append((top, cand))
 
-    @staticmethod
-    def _measure(pending: _Pending, acc: ModelAccumulator, batch: ModelBatch) -> BatchStats:
+    def _measure(self, pending: _Pending, acc: ModelAccumulator, batch: ModelBatch, key: str) -> BatchStats:
         st = acc.measure(batch)  # its finite mask is computed once and kept on the batch
         pending.model.append((acc, st))
+        totals = st.stats[:, [L0_SUM, N_EVAL]].sum(0).tolist()
+        self.density.observe(key, totals[0], totals[1] * acc.d_sae)
         return st
 
     @staticmethod
@@ -203,3 +213,10 @@ class Sweep:
             torch.cuda.empty_cache()
         self.batch_size = max(1, self.batch_size // 2)
         self.oom_splits += 1
+
+
+def _pair_entries(base: FeatureEntries | None, ft: ModelBatch, device: torch.device) -> tuple[FeatureEntries, FeatureEntries] | None:
+    """Both sides' entries for the paired sums, on the base's device; None on the dense path."""
+    if base is None:
+        return None
+    return base, ft.entries().to(device)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .entries import FeatureEntries, feature_entries
 from .stats import RowTable
 
 # Columns of the per-context statistics table.
@@ -47,15 +48,28 @@ class ModelBatch:
     kl: torch.Tensor | None = None
     x_spliced: torch.Tensor | None = None  # the engine's spliced input, until its continuation has run
     finite: torch.Tensor | None = None  # finite_mask(), once computed (three readers per batch)
+    #: True: the statistics read the features as their nonzero entries (``entries()``),
+    #: not densely; the engine sets it for SAEs whose features are sparse.
+    sparse: bool = False
+    _entries: FeatureEntries | None = None
 
     def finite_mask(self) -> torch.Tensor:
         """bool [B, T]: the token's activation, features and reconstruction are all finite
         (``nonfinite_fraction`` counts the included tokens where this is False)."""
         if self.finite is None:
-            ok = torch.isfinite(self.x).all(-1) & torch.isfinite(self.x_hat).all(-1)
-            ok &= torch.isfinite(self.feats).all(-1)
-            self.finite = ok
+            self.finite = rows_finite(self.x) & rows_finite(self.x_hat) & rows_finite(self.feats)
         return self.finite
+
+    def entries(self) -> FeatureEntries:
+        """The nonzero features on the evaluated tokens (included and finite), computed once."""
+        if self._entries is None:
+            self._entries = feature_entries(self.feats, self.included & self.finite_mask())
+        return self._entries
+
+    def release(self) -> None:
+        """Drop the dense features and the reconstruction once every statistic has read them."""
+        self.feats = self.x_hat = _SPENT
+        self._entries = None
 
     def loss_finite_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ce_ok [B, T-1], kl_ok [B, T]): where the three CE values, and the KL, are finite.
@@ -67,6 +81,22 @@ class ModelBatch:
         assert self.ce_clean is not None and self.ce_spliced is not None and self.ce_zero is not None and self.kl is not None
         ce_ok = torch.isfinite(self.ce_clean) & torch.isfinite(self.ce_spliced) & torch.isfinite(self.ce_zero)
         return ce_ok, torch.isfinite(self.kl)
+
+
+_SPENT = torch.empty(0)
+
+
+def rows_finite(t: torch.Tensor) -> torch.Tensor:
+    """bool [...]: every value along the last dimension is finite.
+
+    A sum is finite only if every term is (a NaN or an infinity survives any sum), so one
+    reduction decides almost every row; rows whose sum is not finite (a non-finite value,
+    or finite values whose sum overflows) are looked at element by element."""
+    ok = torch.isfinite(t.sum(-1))
+    if not bool(ok.all()):
+        bad = ~ok
+        ok[bad] = torch.isfinite(t[bad]).all(-1)
+    return ok
 
 
 @dataclasses.dataclass
@@ -128,19 +158,26 @@ class ModelAccumulator:
         stats[:, N_OUTLIER] = (included & batch.outlier).sum(1, dtype=f64)
         stats[:, N_EVAL] = evaluated.sum(1, dtype=f64)
 
-        # Zero out everything that is not evaluated before any reduction, so that a
-        # NaN in an excluded token cannot leak into the sums (it is counted instead).
-        ev = evaluated.unsqueeze(-1)
-        feats = torch.where(ev, batch.feats, 0.0)
-        active = feats != 0
-        # integer counts (exact, and cheaper than summing the mask as float64)
-        stats[:, L0_SUM] = active.sum((1, 2)).to(f64)
-        fire = active.sum((0, 1)).to(device="cpu", dtype=f64)
-        nonzero = feats[active].abs().clamp_min(1e-30).log10().to(f64)
+        if batch.sparse:
+            # The nonzero entries of the evaluated tokens, shared with the top-k and paired sums.
+            e = batch.entries()
+            stats[:, L0_SUM] = torch.bincount(torch.div(e.rows, T, rounding_mode="floor"), minlength=B).to(f64)
+            fire = torch.bincount(e.cols, minlength=self.d_sae).to(device="cpu", dtype=f64)
+            values = e.values
+        else:
+            # Zero out everything that is not evaluated before any reduction, so that a
+            # NaN in an excluded token cannot leak into the sums (it is counted instead).
+            feats = torch.where(evaluated.unsqueeze(-1), batch.feats, 0.0)
+            active = feats != 0
+            # integer counts (exact, and cheaper than summing the mask as float64)
+            stats[:, L0_SUM] = active.sum((1, 2)).to(f64)
+            fire = active.sum((0, 1)).to(device="cpu", dtype=f64)
+            values = feats[active]
+        nonzero = values.abs().clamp_min(1e-30).log10().to(f64)
         lo, hi = float(ACT_LOG10_EDGES[0]), float(ACT_LOG10_EDGES[-1])
         n_bins = len(ACT_LOG10_EDGES) - 1
         act_hist = torch.histc(nonzero.clamp(lo, hi - 1e-9), bins=n_bins, min=lo, max=hi).cpu()
-        zero_acts = float(evaluated.sum()) * self.d_sae - float(active.sum())
+        zero_acts = float(evaluated.sum()) * self.d_sae - float(values.numel())
 
         rc = recon.unsqueeze(-1)
         x = torch.where(rc, batch.x, 0.0).to(f64)

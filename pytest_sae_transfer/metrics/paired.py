@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .entries import FeatureEntries
 from .stats import LOG_EPS, RowTable
 
 #: Fixed histogram bins for per-token residual similarity.
@@ -63,8 +64,11 @@ class PairedAccumulator:
         self.commit(self.measure(x_base, x_ft, f_base, f_ft, mask))
 
     @torch.no_grad()
-    def measure(self, x_base: torch.Tensor, x_ft: torch.Tensor, f_base: torch.Tensor, f_ft: torch.Tensor, mask: torch.Tensor) -> PairBatchStats:
-        """One batch's sums, without touching the accumulator."""
+    def measure(self, x_base: torch.Tensor, x_ft: torch.Tensor, f_base: torch.Tensor, f_ft: torch.Tensor, mask: torch.Tensor,
+                entries: tuple[FeatureEntries, FeatureEntries] | None = None) -> PairBatchStats:
+        """One batch's sums, without touching the accumulator. ``entries``, when given, are
+        both models' nonzero features on (at least) the tokens of ``mask``: the feature sums
+        are then taken from them instead of the dense tensors (the same sums)."""
         f64 = torch.float64
         xb = x_base.to(f64)
         xf = x_ft.to(f64)
@@ -76,7 +80,10 @@ class PairedAccumulator:
         sel_cos = cos[mask]
         sel_euc = euc[mask].clamp_min(1e-30).log10()
 
-        sums, n = self._feature_sums(f_base, f_ft, mask)
+        if entries is None:
+            sums, n = self._feature_sums(f_base, f_ft, mask)
+        else:
+            sums, n = _entry_feature_sums(f_base, f_ft, mask, *entries)
         return PairBatchStats(
             n=float(n),
             sums=sums.cpu(),
@@ -141,6 +148,38 @@ class PairedAccumulator:
             "resid_cosine": {"edges": COSINE_EDGES.numpy(), "counts": self.cos_hist.numpy()},
             "resid_euclidean_log10": {"edges": EUCLID_LOG10_EDGES.numpy(), "counts": self.euc_hist.numpy()},
         }
+
+
+def _log_act(v: torch.Tensor) -> torch.Tensor:
+    """log10(max(v, 0) + ε) in float64: the dead-feature error's side of one activation."""
+    return v.clamp_min(0).to(torch.float64).add_(LOG_EPS).log10_()
+
+
+def _entry_feature_sums(f_base: torch.Tensor, f_ft: torch.Tensor, mask: torch.Tensor, e_base: FeatureEntries,
+                        e_ft: FeatureEntries) -> tuple[torch.Tensor, int]:
+    """:meth:`PairedAccumulator._feature_sums` from the two models' nonzero entries.
+
+    A zero contributes nothing to Σa, Σa², Σab, and where both activations are zero (or
+    negative) the dead-feature error term is 0, so every term comes from an entry: each
+    base entry (with the finetune's value at that place, zero or not), and each finetune
+    entry where the base is zero. The per-term values are the dense path's."""
+    f64 = torch.float64
+    D = f_base.shape[-1]
+    fa, fb = f_base.reshape(-1), f_ft.reshape(-1)
+    a, b = e_base.restricted(mask), e_ft.restricted(mask)
+    b_at_a = fb.index_select(0, a.flat())
+    a_at_b = fa.index_select(0, b.flat())
+    sums = torch.zeros(6, D, dtype=f64, device=fa.device)
+    sums[0].index_add_(0, a.cols, a.values.to(f64))
+    sums[1].index_add_(0, b.cols, b.values.to(f64))
+    sums[2].index_add_(0, a.cols, (a.values * a.values).to(f64))
+    sums[3].index_add_(0, b.cols, (b.values * b.values).to(f64))
+    sums[4].index_add_(0, a.cols, (a.values * b_at_a).to(f64))
+    sums[5].index_add_(0, a.cols, _log_act(a.values).sub_(_log_act(b_at_a)).abs_())
+    # the finetune's entries where the base is zero (the others were counted with the base's)
+    only_ft = _log_act(a_at_b).sub_(_log_act(b.values)).abs_().masked_fill_(a_at_b != 0, 0.0)
+    sums[5].index_add_(0, b.cols, only_ft)
+    return sums, int(mask.sum())
 
 
 def _hist(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .entries import FeatureEntries
+
 #: Default number of top activations kept per feature.
 DEFAULT_TOP_K = 10
 
@@ -169,6 +171,27 @@ class TopKAccumulator:
         rows, cols = rows[keep], cols[keep]
         return Candidates(cols=cols.to(torch.int64), values=flat[rows, cols].to(torch.float32),
                           gidx=rows.to(torch.int64) + first, context_size=T, end=(context_offset + B) * T)
+
+    @torch.no_grad()
+    def candidates_from_entries(self, entries: FeatureEntries, context_offset: int, context_size: int) -> Candidates:
+        """:meth:`candidates` from a batch's nonzero entries on its included tokens (the same
+        candidates, in the same order, without a pass over the dense features)."""
+        if entries.d_sae != self.d_sae:
+            raise ValueError(f"entries have {entries.d_sae} features; this table has {self.d_sae}")
+        T = context_size
+        if self.context_size is not None and T != self.context_size:
+            raise ValueError(f"context size changed from {self.context_size} to {T} between batches")
+        device = entries.values.device
+        if self._values.device != device:
+            self._values = self._values.to(device)
+            self._gidx = self._gidx.to(device)
+        first = context_offset * T
+        kth = self._values[:, -1][entries.cols]
+        values = entries.values
+        # As in _candidates: beat a full row's k-th value; a row not yet full has k-th value 0.
+        beat = values > kth if first >= self._next_gidx else (values >= kth) & (values > 0)
+        return Candidates(cols=entries.cols[beat].long(), values=values[beat], gidx=entries.rows[beat].long() + first,
+                          context_size=T, end=first + entries.n_tokens)
 
     @torch.no_grad()
     def merge(self, c: Candidates) -> None:
