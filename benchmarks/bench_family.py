@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/bench_family.py --tokens 16384 131072 --out benchmarks/results-family-cpu-2core.json
     python benchmarks/bench_family.py --side multi --tokens 16384      # one child run, one JSON line
+    python benchmarks/bench_family.py --sides multi separate --threads 1 --repeat 3   # medians of 3, sides alternating
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_engine import SPECIAL, cpu_seconds, current_rss_mb, pack_tokens, peak_rss_mb, run_child  # noqa: E402
+from bench_engine import SPECIAL, aggregate, cpu_seconds, current_rss_mb, pack_tokens, peak_rss_mb, run_child  # noqa: E402
 
 SIDES = ("multi", "separate", "saelens")
 #: The family: the standard SAE of toy-res at every layer of toy-base.
@@ -74,7 +75,7 @@ def child_run(side: str, n_tokens: int, args: argparse.Namespace) -> dict[str, A
             checks[sid] = out["check"]["ft.ce_loss_spliced"]
     elapsed, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     return {"side": side, "n_tokens": info["n_tokens"], "n_saes": len(saes), "elapsed_s": elapsed, "cpu_s": cpu,
-            "tokens_per_s": info["n_tokens"] / elapsed, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0,
+            "tokens_per_s": info["n_tokens"] / elapsed, "tokens_per_cpu_s": info["n_tokens"] / cpu, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0,
             "cycled": info["cycled"], "check": checks, "torch_threads": torch.get_num_threads()}
 
 
@@ -88,27 +89,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune", default="toy-code")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="time each (side, token count) this many times, the sides alternating, and use the medians "
+                         "(a shared machine's speed drifts between runs)")
     args = ap.parse_args(argv)
     if args.side:
         print(json.dumps(child_run(args.side, args.tokens[0], args)), flush=True)
         return 0
     runs = []
     for n in args.tokens:
-        for side in args.sides:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--tokens", str(n), "--batch-size",
-                   str(args.batch_size), "--context-size", str(args.context_size), "--finetune", args.finetune]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            print(f"[family] {side:8s} {n:>7d} tokens ...", file=sys.stderr, flush=True)
-            res = run_child(cmd)
-            runs.append(res)
-            print(f"[family] {side:8s} {res['n_tokens']:>7d} tokens: {res['elapsed_s']:7.1f} s, peak RSS {res['peak_rss_mb']:6.0f} MB",
-                  file=sys.stderr, flush=True)
-    by = {(r["side"], r["n_tokens"]): r for r in runs}
+        for rep in range(args.repeat):
+            # alternate which side goes first, so that a drift in the machine's speed hits both
+            for side in args.sides if rep % 2 == 0 else args.sides[::-1]:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--tokens", str(n), "--batch-size",
+                       str(args.batch_size), "--context-size", str(args.context_size), "--finetune", args.finetune]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
+                print(f"[family] {side:8s} {n:>7d} tokens ...", file=sys.stderr, flush=True)
+                res = run_child(cmd)
+                res["repeat"] = rep
+                runs.append(res)
+                print(f"[family] {side:8s} {res['n_tokens']:>7d} tokens: {res['elapsed_s']:7.1f} s, peak RSS {res['peak_rss_mb']:6.0f} MB",
+                      file=sys.stderr, flush=True)
+    by = aggregate(runs)  # medians over the repeats
     counts = sorted({r["n_tokens"] for r in runs})
     summary: dict[str, Any] = {"marginal_us_per_token": {}, "peak_rss_mb": {}}
     lo, hi = counts[0], counts[-1]
-    print(f"\n{len(FAMILY)} SAEs, toy-base vs {args.finetune}, batch {args.batch_size} x {args.context_size}")
+    print(f"\n{len(FAMILY)} SAEs, toy-base vs {args.finetune}, batch {args.batch_size} x {args.context_size}"
+          + (f", medians of {args.repeat} runs" if args.repeat > 1 else ""))
     print(f"{'side':9s} | " + " | ".join(f"{n:>7d} tok: s, MB" for n in counts) + " | marginal us/token")
     for side in args.sides:
         cells = [f"{by[(side, n)]['elapsed_s']:7.1f}, {by[(side, n)]['peak_rss_mb']:5.0f}" for n in counts]
@@ -122,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     if m.get("multi") and m.get("separate"):
         summary["multi_over_separate"] = m["multi"] / m["separate"]
         print(f"\nmulti / separate marginal time: {summary['multi_over_separate']:.2f} (target <= 0.6)")
+        if args.repeat > 1 and hi > lo:
+            # each repeat on its own, for the spread
+            def marginal(side: str, rep: int) -> float:
+                t = {r["n_tokens"]: r["elapsed_s"] for r in runs if r["side"] == side and r["repeat"] == rep}
+                return (t[hi] - t[lo]) / (hi - lo) * 1e6
+
+            summary["multi_over_separate_by_repeat"] = [marginal("multi", r) / marginal("separate", r) for r in range(args.repeat)]
+            print("  by repeat: " + ", ".join(f"{x:.2f}" for x in summary["multi_over_separate_by_repeat"]))
     if m.get("multi") and m.get("saelens"):
         summary["saelens_over_multi"] = m["saelens"] / m["multi"]
         print(f"sae_lens way / multi marginal time: {summary['saelens_over_multi']:.2f}")

@@ -192,3 +192,22 @@ def test_a_failing_side_is_recorded_not_raised(scripts, one_thread) -> None:
     assert rec["aborted"].startswith("error: ValueError") and rec["n_tokens"] == 128
     late = gpu.timed_side("floor", s, toks, gpu.Args(4), torch.device("cpu"), time.perf_counter() - 1)
     assert late["aborted"] == "stopped by the time guard"
+
+
+def test_bench_family_sides_measure_the_same_work(one_thread) -> None:
+    """bench_family's one-pass and separate-runs sides give every SAE the same CE delta (same
+    tokens, same engine), so its time ratio compares like with like."""
+    import argparse
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        bench_family = importlib.import_module("bench_family")
+        args = argparse.Namespace(threads=1, finetune="toy-code", context_size=128, batch_size=4)
+        multi = bench_family.child_run("multi", 1024, args)
+        separate = bench_family.child_run("separate", 1024, args)
+    finally:
+        sys.path.remove(str(BENCH))
+    assert multi["n_tokens"] == separate["n_tokens"] == 1024
+    assert set(multi["check"]) == set(separate["check"]) == set(bench_family.FAMILY)
+    for sid in bench_family.FAMILY:
+        assert multi["check"][sid] == pytest.approx(separate["check"][sid], rel=1e-6, abs=1e-7), sid

@@ -92,12 +92,15 @@ def test_topk_candidates_from_entries_equal_the_dense_ones(case, k, offset):
     fa = torch.as_tensor(case["fa"])
     b = model_batch(case["fa"], case["xa"], case["included"], sparse=True)
     evaluated = b.included & b.finite_mask()
-    for acc_offset in (0, offset + 5):  # batches in order, then one out of order
+    B = fa.shape[0]
+    # (where the table was filled, where the batch goes): after it (strict comparison, ties
+    # to the table's earlier tokens), then before it (ties to the batch's earlier tokens)
+    for fill_at, at in ((0, B + offset), (B + 5, offset)):
         acc_d, acc_s = TopKAccumulator(fa.shape[2], k), TopKAccumulator(fa.shape[2], k)
         for acc in (acc_d, acc_s):  # a table partly filled before the batch
-            acc.update(fa.flip(0), evaluated.flip(0), acc_offset)
-        dense = acc_d.candidates(fa, evaluated, offset)
-        sparse = acc_s.candidates_from_entries(b.entries(), offset, fa.shape[1])
+            acc.update(fa.flip(0), evaluated.flip(0), fill_at)
+        dense = acc_d.candidates(fa, evaluated, at)
+        sparse = acc_s.candidates_from_entries(b.entries(), at, fa.shape[1])
         for key in ("cols", "values", "gidx"):
             assert torch.equal(getattr(dense, key), getattr(sparse, key)), key
         assert (dense.end, dense.context_size) == (sparse.end, sparse.context_size)

@@ -12,7 +12,11 @@ once holding their hook captures (``ModelRunner.capture``):
 * ``features``: [N, S] float32 units alive at the worst moment of an SAE's step: the base's
   features (kept while every finetune is compared with them), the finetune's encoder
   output and pre-activation, and the masked copy ``ModelAccumulator.measure`` makes, with
-  its bool masks; 3.5 units (plus one per SAE dtype conversion to float32).
+  its bool masks; 3.5 units (plus one per SAE dtype conversion to float32). That is the
+  dense path, which every SAE takes on its first batch; a sparse SAE's later batches read
+  its features as entries (``metrics.entries``) instead of the masked copy and its masks:
+  12 bytes an entry, so 0.75 of a unit per model at the 1/4 density bound and a few
+  hundredths for a real SAE (an L0 of tens out of thousands of features).
 * ``forward``: the working set of one block of the widest forward pass, the fused
   continuation of the clean and every spliced input ((1 + n_saes) N rows): the gated MLP's
   three [rows, d_mlp] tensors, about ten [rows, d] ones, and two attention score tensors

@@ -9,7 +9,9 @@ RowTable) · ``model`` (per-model accumulator and formulas) · ``paired``
 (base-vs-finetune accumulator) · ``pairs`` (the paired block from the sums) ·
 ``weights`` (metrics from the weights alone) · ``bootstrap`` (intervals over
 contexts) · ``topk`` (each feature's top activating tokens, streamed: O(d_sae x k))
-· ``feature_rank`` (the worst-transferring features) · ``promoted`` (a feature's
+· ``entries`` (a sparse batch's nonzero features, listed once and read by the
+per-model, top-k and paired statistics instead of the dense tensor) · ``feature_rank``
+(the worst-transferring features) · ``promoted`` (a feature's
 top tokens from W_dec · W_U). This package's ``__init__`` imports nothing, so that the metric names
 can be read without torch.
 May import: nothing of the package but itself.

@@ -159,8 +159,9 @@ class ModelAccumulator:
         stats[:, N_EVAL] = evaluated.sum(1, dtype=f64)
 
         if batch.sparse:
-            # The nonzero entries of the evaluated tokens, shared with the top-k and paired sums.
-            e = batch.entries()
+            # The nonzero entries of the evaluated tokens, shared with the top-k and paired sums
+            # (a finite mask given here, rather than the batch's own, gets entries of its own).
+            e = batch.entries() if finite is batch.finite else feature_entries(batch.feats, evaluated)
             stats[:, L0_SUM] = torch.bincount(torch.div(e.rows, T, rounding_mode="floor"), minlength=B).to(f64)
             fire = torch.bincount(e.cols, minlength=self.d_sae).to(device="cpu", dtype=f64)
             values = e.values
