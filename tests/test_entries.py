@@ -170,9 +170,9 @@ def test_an_engine_run_on_entries_equals_the_same_run_kept_dense(mode, monkeypat
         monkeypatch.setattr("pytest_sae_transfer.engine.sweep.feature_entries", counting)
         runs[bound] = run_transfer_many(base, {"ft": ft}, saes, toks, options).outputs
         # 5 batches a sweep, the first read densely, then entries per (model, SAE) and batch;
-        # sequential: the base's sweep, then the finetune's, whose every batch reads the base's
-        # spill and the finetune on entries (the gate has seen the base's batches)
-        expected = 2 * 2 * 4 if mode == "fused" else 2 * 4 + 2 * 2 * 5
+        # sequential: the base's sweep, then the finetune's (its first batch dense again: the
+        # gate had seen only the base)
+        expected = 2 * 2 * 4 if mode == "fused" else 2 * 4 + 2 * 2 * 4
         assert len(made) == (expected if bound > 0 else 0)
     for key in saes:
         sparse, dense = runs[1.0][key].report, runs[-1.0][key].report
