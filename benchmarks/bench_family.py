@@ -79,6 +79,11 @@ def child_run(side: str, n_tokens: int, args: argparse.Namespace) -> dict[str, A
             "cycled": info["cycled"], "check": checks, "torch_threads": torch.get_num_threads()}
 
 
+def marginal_us(t_lo: float, t_hi: float, lo: int, hi: int) -> float:
+    """Microseconds per token between two runs of ``lo`` and ``hi`` tokens (the fixed part drops out)."""
+    return (t_hi - t_lo) / (hi - lo) * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 131072])
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{by[(side, n)]['elapsed_s']:7.1f}, {by[(side, n)]['peak_rss_mb']:5.0f}" for n in counts]
         marginal = None
         if hi > lo:
-            marginal = (by[(side, hi)]["elapsed_s"] - by[(side, lo)]["elapsed_s"]) / (hi - lo) * 1e6
+            marginal = marginal_us(by[(side, lo)]["elapsed_s"], by[(side, hi)]["elapsed_s"], lo, hi)
         summary["marginal_us_per_token"][side] = marginal
         summary["peak_rss_mb"][side] = {str(n): by[(side, n)]["peak_rss_mb"] for n in counts}
         print(f"{side:9s} | " + " | ".join(f"{c:>18s}" for c in cells) + f" | {marginal:.1f}" if marginal is not None else "")
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             # each repeat on its own, for the spread
             def marginal(side: str, rep: int) -> float:
                 t = {r["n_tokens"]: r["elapsed_s"] for r in runs if r["side"] == side and r["repeat"] == rep}
-                return (t[hi] - t[lo]) / (hi - lo) * 1e6
+                return marginal_us(t[lo], t[hi], lo, hi)
 
             summary["multi_over_separate_by_repeat"] = [marginal("multi", r) / marginal("separate", r) for r in range(args.repeat)]
             print("  by repeat: " + ", ".join(f"{x:.2f}" for x in summary["multi_over_separate_by_repeat"]))

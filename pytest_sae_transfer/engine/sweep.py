@@ -89,6 +89,10 @@ class Sweep:
         """One sweep over the tokens. With ``base_live`` the base runs here (and is written to
         ``spills`` when given); otherwise its side of each batch is read back from ``spills``."""
         n_ctx = self.tokens.shape[0]
+        if not base_live:
+            # a finetune swept alone against the base's spill: the gate has seen only the base,
+            # and a finetune whose features turned dense must not be listed on its first batch
+            self.density = DensityGate()
         cursor = 0
         while cursor < n_ctx:
             toks_cpu = self.tokens[cursor : cursor + self.batch_size]

@@ -18,7 +18,6 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..loading.tokens import special_token_ids
-from ..metrics.entries import DensityGate
 from ..metrics.model import ModelAccumulator
 from ..metrics.paired import PairedAccumulator
 from ..metrics.topk import TopKAccumulator
@@ -141,9 +140,6 @@ def _passes(sweep: Sweep, assembler: Assembler, base: Any, ft_items: list[tuple[
         for name, m in ft_items:
             model = _materialise(m)
             _validate_model(name, model, base, int(tokens.max()))
-            # The gate has seen only the base: a finetune whose features turned dense must
-            # not be listed as entries on its first batch.
-            sweep.density = DensityGate()
             sweep.run(False, [(name, runner(model))], spills)
             assembler.finish_finetune(name, model)
             del model

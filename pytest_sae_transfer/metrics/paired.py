@@ -117,8 +117,8 @@ class PairedAccumulator:
             # feature. Where neither activation is positive the term is exactly 0, so only the
             # (sparse) entries where one is positive are evaluated.
             rows, cols = ((a > 0) | (b > 0)).nonzero(as_tuple=True)
-            log_a = a[rows, cols].clamp_min(0).to(f64).add_(LOG_EPS).log10_()
-            log_b = b[rows, cols].clamp_min(0).to(f64).add_(LOG_EPS).log10_()
+            log_a = _log_act(a[rows, cols])
+            log_b = _log_act(b[rows, cols])
             sums[5].index_add_(0, cols, log_a.sub_(log_b).abs_())
         return sums, int(idx.numel())
 
