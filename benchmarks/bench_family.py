@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="time each (side, token count) this many times, the sides alternating, and use the medians "
                          "(a shared machine's speed drifts between runs)")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1; got {args.repeat}")
     if args.side:
         print(json.dumps(child_run(args.side, args.tokens[0], args)), flush=True)
         return 0
